@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/netaccel bench pods --json demo-pods.json --plot demo-pods.png
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	-$(VENV)/bin/netaccel testbed down --all
+	-$(VENV)/bin/netaccel bypass off
