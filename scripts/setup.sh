@@ -10,8 +10,8 @@ APT_PACKAGES=(
   iproute2 ethtool bpftool clang                            # inspection, doctor
   qperf sockperf iperf3 gcc                                 # benchmarks, AF_UNIX floor tool
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
-  dnsmasq-base busybox-static cpio kmod                     # testbed guests and DHCP
-  make git
+  dnsmasq-base busybox-static cpio kmod socat               # testbed guests and DHCP
+  make git iputils-ping procps psmisc
 )
 STAMP=.venv/.netaccel-setup
 
