@@ -1,0 +1,319 @@
+"""Benchmarks: qperf between testbed pods (and VMs), kernel path vs accelerated, side by side.
+
+Every point is measured in one run with the variants alternating (ABBA order across sizes),
+so slow drift of a shared machine hits both sides alike. Results are rows of
+{"test", "msg_size", "unit", "baseline", "accelerated", "floor", "ratio"} (ratio =
+accelerated / baseline), printed as a table, written as JSON and plotted as a PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from node_helper import testbed as tb_mod
+from node_helper.testbed import Testbed, popen_in, run_in, wait_for_port
+
+FULL_SIZES = [1, 4, 16, 64, 256, 1024, 4096, 16384]  # qperf -oo msg_size:1:16K:*4
+QUICK_SIZES = [64, 1024, 16384]
+QPERF_PORT = 19765
+NATIVE_DIR = Path(__file__).parent / "native"
+CACHE_DIR = Path("/var/cache/netaccel")
+UNITS = {"tcp_lat": "us", "udp_lat": "us", "tcp_bw": "MB/s", "udp_bw": "MB/s"}
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run; the message says why."""
+
+
+@dataclass
+class Row:
+    """One benchmark point."""
+
+    test: str
+    msg_size: int
+    unit: str
+    baseline: float
+    accelerated: float
+    floor: float | None
+    ratio: float
+    variant: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.variant is None:
+            del data["variant"]
+        return data
+
+
+# --- measuring -------------------------------------------------------------
+
+_QPERF_VALUE = re.compile(r"^\s*(latency|bw|recv_bw)\s*=\s*([\d.]+)\s*(\S+)", re.M)
+_SCALE = {
+    "ns": 1e-3, "us": 1.0, "ms": 1e3, "sec": 1e6,  # -> microseconds
+    "bytes/sec": 1e-6, "KB/sec": 1e-3, "MB/sec": 1.0, "GB/sec": 1e3,  # -> MB/s (10^6)
+}
+
+
+def parse_qperf(test: str, output: str) -> float:
+    """Extract the figure of one qperf test (-vu output) in us or MB/s."""
+    found = {m.group(1): (float(m.group(2)), m.group(3)) for m in _QPERF_VALUE.finditer(output)}
+    key = "latency" if test.endswith("_lat") else ("recv_bw" if "recv_bw" in found else "bw")
+    if key not in found:
+        raise BenchError(f"qperf printed no {key} for {test}: {output.strip()[-300:]!r}")
+    value, unit = found[key]
+    if unit not in _SCALE:
+        raise BenchError(f"qperf printed an unknown unit {unit!r} for {test}")
+    return value * _SCALE[unit]
+
+
+def run_qperf(client_netns: str, server_ip: str, test: str, size: int, seconds: float) -> float:
+    """One qperf test from inside `client_netns` against a server already listening."""
+    argv = ["qperf", server_ip, "-t", str(seconds), "-m", str(size), "-vu", test]
+    result = run_in(client_netns, argv, timeout=seconds * 4 + 30, check=False)
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} failed: {(result.stderr or result.stdout).strip()}")
+    return parse_qperf(test, result.stdout)
+
+
+@contextmanager
+def qperf_server(netns: str) -> Iterator[None]:
+    """A qperf server listening inside `netns` for the duration of the block."""
+    proc = popen_in(netns, ["qperf"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(netns, QPERF_PORT)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def unix_floor_tool() -> Path:
+    """Compile (once, cached by source hash) the native AF_UNIX floor tool; return its path."""
+    source = NATIVE_DIR / "unix_floor.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    binary = CACHE_DIR / f"unix_floor-{digest}"
+    if not binary.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = binary.with_suffix(".tmp")
+        proc = subprocess.run(["gcc", "-O2", "-o", str(tmp), str(source)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BenchError(f"cannot compile {source} (is gcc installed?): {proc.stderr}")
+        tmp.rename(binary)
+    return binary
+
+
+def run_unix_floor(test: str, size: int, seconds: float) -> float:
+    """AF_UNIX socketpair figure at the same size: one-way us, or MB/s."""
+    mode = "lat" if test.endswith("_lat") else "bw"
+    out = subprocess.run([str(unix_floor_tool()), mode, str(size), str(seconds)],
+                         capture_output=True, text=True, timeout=seconds * 4 + 30, check=True)
+    data = json.loads(out.stdout)
+    return data["latency_us"] if mode == "lat" else data["bytes_per_sec"] / 1e6
+
+
+# --- orchestration ---------------------------------------------------------
+
+ProgressFn = Callable[[str], None]
+
+
+def stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def testbed_for(pods: int, vms: int = 0) -> Iterator[Testbed]:
+    """Use the testbed that is up if it has enough pods/VMs, else build one and remove it after."""
+    try:
+        bed = Testbed.find()
+        if len(bed.pods) >= pods and len([v for v in bed.vms if v.guest_netns]) >= vms:
+            yield bed
+            return
+    except tb_mod.TestbedError:
+        pass
+    with Testbed.create(pods=pods, vms=vms) as bed:
+        yield bed
+
+
+def alternate(variants: Sequence[str], index: int) -> list[str]:
+    """ABBA order: even points run the variants forwards, odd points backwards."""
+    return list(variants) if index % 2 == 0 else list(reversed(variants))
+
+
+def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
+               tests: Sequence[str] = ("tcp_lat", "tcp_bw"),
+               progress: ProgressFn = stderr_progress) -> list[Row]:
+    """qperf between two testbed pods: kernel path vs socket bypass, plus the AF_UNIX floor."""
+    from node_helper import sockets
+
+    sizes = list(sizes)
+    rows: list[Row] = []
+    points = [(t, s) for s in sizes for t in tests]
+    with testbed_for(pods=2) as bed, qperf_server(bed.pods[1].netns):
+        client, server = bed.pods[0], bed.pods[1]
+        cidrs = bed.pod_cidrs()
+        sockets.disable()
+        try:
+            for n, (test, size) in enumerate(points, 1):
+                figures: dict[str, float] = {}
+                for variant in alternate(("baseline", "accelerated"), n):
+                    if variant == "accelerated":
+                        sockets.enable(cidrs)
+                    else:
+                        sockets.disable()
+                    figures[variant] = run_qperf(client.netns, server.ipv4, test, size, seconds)
+                sockets.disable()
+                floor = run_unix_floor(test, size, seconds)
+                row = Row(test, size, UNITS[test], figures["baseline"], figures["accelerated"],
+                          floor, figures["accelerated"] / figures["baseline"])
+                rows.append(row)
+                progress(f"[{n}/{len(points)}] {test:7s} {human_size(size):>6s}  "
+                         f"kernel {row.baseline:9.2f}  bypass {row.accelerated:9.2f}  "
+                         f"floor {floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
+        finally:
+            sockets.disable()
+    return rows
+
+
+VM_VARIANTS = ("bridge", "mirror", "mirror+csum-off", "bpf")
+_VM_SETTINGS = {
+    "mirror": ("mirror", "keep"),
+    "mirror+csum-off": ("mirror", "off"),
+    "bpf": ("bpf", "keep"),
+}
+
+
+def bench_vm(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
+             tests: Sequence[str] = ("udp_lat", "udp_bw", "tcp_lat", "tcp_bw"),
+             variants: Sequence[str] = VM_VARIANTS,
+             progress: ProgressFn = stderr_progress) -> list[Row]:
+    """qperf from a testbed VM's guest to a pod: bridge vs each accelerated variant."""
+    from node_helper import vm_mirror
+
+    sizes = list(sizes)
+    rows: list[Row] = []
+    points = [(t, s) for s in sizes for t in tests]
+    with testbed_for(pods=1, vms=1) as bed, qperf_server(bed.pods[0].netns):
+        vm = next(v for v in bed.vms if v.guest_netns)
+        server = bed.pods[0]
+        vm_mirror.restore(vm.launcher_netns)
+        try:
+            for n, (test, size) in enumerate(points, 1):
+                figures: dict[str, float] = {}
+                for variant in alternate(variants, n):
+                    if variant == "bridge":
+                        vm_mirror.restore(vm.launcher_netns)
+                    else:
+                        datapath, checksum = _VM_SETTINGS[variant]
+                        vm_mirror.accelerate(vm.launcher_netns, datapath=datapath,
+                                             checksum=checksum)
+                    figures[variant] = run_qperf(vm.guest_netns, server.ipv4, test, size, seconds)
+                vm_mirror.restore(vm.launcher_netns)
+                base = figures["bridge"]
+                for variant in variants:
+                    if variant == "bridge":
+                        continue
+                    rows.append(Row(test, size, UNITS[test], base, figures[variant], None,
+                                    figures[variant] / base, variant))
+                progress(f"[{n}/{len(points)}] {test:7s} {human_size(size):>6s}  " + "  ".join(
+                    f"{v} {figures[v]:.2f}" for v in variants) + f" {UNITS[test]}")
+        finally:
+            vm_mirror.restore(vm.launcher_netns)
+    return rows
+
+
+# --- reporting -------------------------------------------------------------
+
+def human_size(size: int) -> str:
+    return f"{size // 1024}K" if size >= 1024 and size % 1024 == 0 else f"{size}B"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A plain-text table; one line per point, ratios and distance to the floor."""
+    has_floor = any(r.floor is not None for r in rows)
+    has_variant = any(r.variant for r in rows)
+    head = ["test", "size"] + (["variant"] if has_variant else []) + [
+        "unit", "baseline", "accelerated"] + (["floor"] if has_floor else []) + ["ratio"] + (
+        ["vs floor"] if has_floor else [])
+    lines = [head]
+    for r in rows:
+        line = [r.test, human_size(r.msg_size)] + ([r.variant or ""] if has_variant else []) + [
+            r.unit, f"{r.baseline:.2f}", f"{r.accelerated:.2f}"]
+        if has_floor:
+            line.append(f"{r.floor:.2f}" if r.floor is not None else "")
+        line.append(f"{r.ratio:.2f}x")
+        if has_floor:
+            line.append(f"{r.accelerated / r.floor:.2f}x" if r.floor else "")
+        lines.append(line)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in
+                  enumerate(zip(row, widths, strict=True)))
+        for row in lines
+    )
+
+
+def write_json(rows: Sequence[Row], path: Path | TextIO, meta: dict[str, Any]) -> None:
+    doc = {"meta": meta, "rows": [r.as_json() for r in rows]}
+    text = json.dumps(doc, indent=2)
+    if isinstance(path, Path):
+        path.write_text(text + "\n")
+    else:
+        path.write(text + "\n")
+
+
+def plot(rows: Sequence[Row], path: Path, title: str) -> None:
+    """One panel per test: absolute figures against message size (log x), ratio in the label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = list(dict.fromkeys(r.test for r in rows))
+    fig, axes = plt.subplots(1, len(tests), figsize=(5.5 * len(tests), 4.2), squeeze=False)
+    for ax, test in zip(axes[0], tests, strict=True):
+        sel = [r for r in rows if r.test == test]
+        sizes = sorted({r.msg_size for r in sel})
+        first = {r.msg_size: r for r in sel}
+        ax.plot(sizes, [first[s].baseline for s in sizes], "o-", label="kernel path (baseline)")
+        for variant in dict.fromkeys(r.variant for r in sel):
+            pts = {r.msg_size: r for r in sel if r.variant == variant}
+            ax.plot(sizes, [pts[s].accelerated for s in sizes], "s-",
+                    label=variant or "accelerated")
+        if any(r.floor is not None for r in sel):
+            ax.plot(sizes, [first[s].floor for s in sizes], "^--", label="AF_UNIX floor")
+        ax.set_xscale("log", base=2)
+        if test.endswith("_bw"):
+            ax.set_yscale("log")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel(UNITS[test])
+        ax.set_title(test)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_meta() -> dict[str, Any]:
+    """Context for a JSON result: when, where, how loaded."""
+    import os
+    import platform
+
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+    }
