@@ -99,7 +99,9 @@ def vmi_interfaces(vmi: dict[str, Any]) -> dict[str, dict[str, Any]]:
         _obj(_obj(vmi.get("spec"), "spec").get("domain"), "spec.domain").get("devices"),
         "spec.domain.devices",
     )
-    ifaces = devices.get("interfaces") or []
+    ifaces = devices.get("interfaces")
+    if ifaces is None:
+        ifaces = []
     if not isinstance(ifaces, list):
         raise HookInputError("VMI field spec.domain.devices.interfaces must be a list")
     out: dict[str, dict[str, Any]] = {}
