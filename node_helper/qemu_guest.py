@@ -64,6 +64,7 @@ __all__ = [
     "TEST_PREFIX",
     "build_guest_image",
     "cleanup_stale",
+    "domain_names",
     "ensure_libvirtd",
     "kubevirt_domain_xml",
     "start_guest",
@@ -605,6 +606,15 @@ def start_guest(name: str, netns: str, bridge: str, domain_xml: bytes,
     return guest
 
 
+def domain_names(prefix: str = "") -> list[str]:
+    """Names of the libvirt domains (defined or running) that start with `prefix`."""
+    conn = _connect()
+    try:
+        return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(prefix))
+    finally:
+        conn.close()
+
+
 def cleanup_stale(prefix: str = TEST_PREFIX) -> list[str]:
     """Destroy and undefine domains named `prefix*`, with their host taps and files.
 
@@ -613,11 +623,7 @@ def cleanup_stale(prefix: str = TEST_PREFIX) -> list[str]:
     if not prefix:
         raise ValueError("cleanup_stale needs a non-empty prefix")
     ensure_libvirtd()
-    conn = _connect()
-    try:
-        names = [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]
-    finally:
-        conn.close()
+    names = domain_names(prefix)
     for name in names:
         _destroy_domain(name)
         with contextlib.suppress(Exception):
