@@ -1,0 +1,263 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * netaccel socket bypass: sock_ops + sk_msg, compiled at run time by bcc
+ * (node_helper/sockets.py loads, pins and attaches it).
+ *
+ *   netaccel_ops  (BPF_PROG_TYPE_SOCK_OPS, cgroup v2 root, BPF_F_ALLOW_MULTI)
+ *       On ACTIVE_ESTABLISHED / PASSIVE_ESTABLISHED of a TCP socket whose two
+ *       ends are both in netaccel_accel (the accelerated set), it inserts the
+ *       socket into netaccel_socks, keyed by its 4-tuple.
+ *   netaccel_msg  (BPF_PROG_TYPE_SK_MSG, SK_MSG_VERDICT on netaccel_socks)
+ *       Runs on every sendmsg()/sendfile() of a socket in netaccel_socks and
+ *       hands the payload straight to the peer socket's receive queue
+ *       (bpf_msg_redirect_hash(..., BPF_F_INGRESS)).
+ *
+ * Addresses are normalised to 16 bytes: IPv4 becomes ::ffff:a.b.c.d, so an
+ * AF_INET client and the AF_INET6 socket a dual-stack listener accepts for it
+ * (local address ::ffff:a.b.c.d) build matching keys, and one LPM trie keyed
+ * by 128 bits serves AF_INET, v4-mapped AF_INET6 and native IPv6 (an IPv4
+ * prefix a.b.c.d/n is stored as ::ffff:a.b.c.d/(96+n)).  The 4-tuple is not
+ * qualified by network namespace (the two ends of a pod-to-pod connection
+ * live in different ones), so pod addresses must be unique on the node, as
+ * they are in Kubernetes.
+ *
+ * ORDERING: each direction of a connection is bypassed from its first byte
+ * or never.  Direction X->Y is carried by X's sendmsg, so it is X's state
+ * that decides, and it only ever moves "bypass -> kernel path", never back.
+ *
+ *  1. X is inserted only if it has sent no data yet (data_segs_out == 0;
+ *     this rules out TCP Fast Open data in the SYN and a TFO server that
+ *     wrote before the handshake completed).  Its per-socket state
+ *     (netaccel_state, BPF socket-local storage) is created *before* the
+ *     insert; if that allocation fails, X is not inserted.
+ *  2. X is inserted before its application can send: connect() returns
+ *     after ACTIVE_ESTABLISHED ran, accept() returns after
+ *     PASSIVE_ESTABLISHED ran (both run under the socket lock in softirq,
+ *     before the waiter is woken).  Sockets that existed before the bypass
+ *     was enabled never pass through ESTABLISHED again: never bypassed.
+ *  3. The first message of X that cannot be redirected (Y not in the map
+ *     yet: Y's PASSIVE_ESTABLISHED has not run because the final ACK is
+ *     still in a backlog queue, or TCP_DEFER_ACCEPT holds it; or Y was
+ *     removed) sets state->fell_back before returning SK_PASS, and every
+ *     later message of X sees the flag and takes SK_PASS too.  sendmsg runs
+ *     under X's socket lock, so "miss, mark" and the next sendmsg's "read
+ *     mark" are serialised; no message can overtake the mark.
+ *  4. Bypass -> kernel path is the only switch and it is order-safe: Y's
+ *     tcp_bpf recvmsg drains the redirected queue before its TCP receive
+ *     queue.  The marks are socket-local storage, so they die with the socket
+ *     (no stale mark for a reused 4-tuple, no table that can fill up, and no
+ *     BPF_SOCK_OPS_STATE_CB_FLAG callback on every state change of every TCP
+ *     socket on the node); the socket leaves netaccel_socks by itself when it
+ *     closes (sock_map_close/unhash).  An sk_msg program cannot delete from
+ *     a SOCKHASH (verifier: "cannot update sockmap in this context"), which
+ *     is why a miss marks the sender instead of removing it.
+ *  On a miss we always return SK_PASS: returning the helper's SK_DROP would
+ *  fail the sender's sendmsg with EPERM.
+ */
+#include <uapi/linux/bpf.h>
+
+#define NA_AF_INET 2
+#define NA_AF_INET6 10
+
+/* The verifier only accepts context accesses at a constant offset from the
+ * unmodified ctx pointer.  If two fields are read into one variable on
+ * different branches, clang may merge them into "ctx + variable offset"
+ * ("dereference of modified ctx ptr").  A volatile load through the field's
+ * own address forces one plain load per field. */
+#define CTX_U32(ctx, field) (*(volatile __u32 *)&((ctx)->field))
+
+/* remote_port holds the port in network byte order in the upper 16 bits on
+ * little-endian machines (sock_ops and sk_msg alike); local_port is host
+ * order.  Both are stored in host order so that one socket's remote port
+ * equals its peer's local port. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define REMOTE_PORT(v) (__builtin_bswap32(v))
+#else
+#define REMOTE_PORT(v) (v)
+#endif
+
+struct sock_key {
+	__u32 local[4];  /* 16-byte address, network byte order words */
+	__u32 remote[4];
+	__u32 lport;     /* host byte order */
+	__u32 rport;     /* host byte order */
+};
+
+struct lpm_key {
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+/* Per-socket bypass state, created by sock_ops before the insert. */
+struct conn_state {
+	__u32 fell_back;  /* 1 once a message of this socket took the kernel path */
+};
+
+/* Field order is ABI with node_helper/sockets.py (COUNTER_FIELDS). */
+struct counters {
+	__u64 redirected_msgs;
+	__u64 redirected_bytes;
+	__u64 fallback_msgs;       /* messages of inserted sockets that took SK_PASS */
+	__u64 fallback_dirs;       /* directions that missed their peer and fell back */
+	__u64 inserted;            /* sockets put into the sockhash */
+	__u64 skipped_not_in_set;  /* established sockets with an end outside the set */
+	__u64 skipped_sent_data;   /* established sockets that had already sent data */
+	__u64 insert_errors;       /* storage or sockhash update failed: not bypassed */
+	__u64 no_state;            /* sk_msg ran on a socket without state: passed */
+};
+
+BPF_SOCKHASH(netaccel_socks, struct sock_key, 65536);
+BPF_LPM_TRIE(netaccel_accel, struct lpm_key, __u32, 4096);
+BPF_PERCPU_ARRAY(netaccel_cnt, struct counters, 1);
+BPF_SK_STORAGE(netaccel_state, struct conn_state);
+
+/* Copy the eight IPv6 address words of ctx.  Clang happily merges a load of
+ * local_ip4 on one branch and of local_ip6[3] on the other into one load
+ * from "ctx + phi(offset)", which the verifier rejects even through volatile.
+ * An empty asm with the value as an in/out operand pins each load to its
+ * own branch with its own constant offset. */
+#define PIN(v) asm volatile("" : "+r"(v))
+#define READ_ADDRS(ctx, loc, rem)                                           \
+	do {                                                                \
+		__u32 l0 = CTX_U32(ctx, local_ip6[0]), l1 = CTX_U32(ctx, local_ip6[1]);   \
+		__u32 l2 = CTX_U32(ctx, local_ip6[2]), l3 = CTX_U32(ctx, local_ip6[3]);   \
+		__u32 r0 = CTX_U32(ctx, remote_ip6[0]), r1 = CTX_U32(ctx, remote_ip6[1]); \
+		__u32 r2 = CTX_U32(ctx, remote_ip6[2]), r3 = CTX_U32(ctx, remote_ip6[3]); \
+		PIN(l0); PIN(l1); PIN(l2); PIN(l3);                         \
+		PIN(r0); PIN(r1); PIN(r2); PIN(r3);                         \
+		(loc)[0] = l0; (loc)[1] = l1; (loc)[2] = l2; (loc)[3] = l3; \
+		(rem)[0] = r0; (rem)[1] = r1; (rem)[2] = r2; (rem)[3] = r3; \
+	} while (0)
+
+/* IPv4 addresses as IPv4-mapped IPv6 (::ffff:a.b.c.d), network byte order. */
+static __always_inline void fill_v4(struct sock_key *k, __u32 local, __u32 remote)
+{
+	PIN(local);
+	PIN(remote);
+	k->local[2] = __builtin_bswap32(0xffff);
+	k->local[3] = local;
+	k->remote[2] = __builtin_bswap32(0xffff);
+	k->remote[3] = remote;
+}
+
+static __always_inline int in_set(__u32 a0, __u32 a1, __u32 a2, __u32 a3)
+{
+	struct lpm_key k = {.prefixlen = 128, .addr = {a0, a1, a2, a3}};
+	return netaccel_accel.lookup(&k) != NULL;
+}
+
+int netaccel_ops(struct bpf_sock_ops *skops)
+{
+	__u32 op = CTX_U32(skops, op);
+	struct sock_key key = {};
+	struct counters *cnt;
+	struct conn_state *st;
+	struct bpf_sock *sk;
+	__u32 zero = 0;
+	__u32 family;
+	long err;
+
+	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+
+	family = CTX_U32(skops, family);
+	if (family == NA_AF_INET) {
+		fill_v4(&key, CTX_U32(skops, local_ip4), CTX_U32(skops, remote_ip4));
+	} else if (family == NA_AF_INET6) {
+		READ_ADDRS(skops, key.local, key.remote);
+	} else {
+		return 1;
+	}
+
+	cnt = netaccel_cnt.lookup(&zero);
+	if (!cnt)
+		return 1;
+	if (!in_set(key.local[0], key.local[1], key.local[2], key.local[3]) ||
+	    !in_set(key.remote[0], key.remote[1], key.remote[2], key.remote[3])) {
+		cnt->skipped_not_in_set++;
+		return 1;
+	}
+	/* Ordering rule 1: a socket that already sent data is never inserted. */
+	if (CTX_U32(skops, data_segs_out) != 0) {
+		cnt->skipped_sent_data++;
+		return 1;
+	}
+	key.lport = CTX_U32(skops, local_port);
+	key.rport = REMOTE_PORT(CTX_U32(skops, remote_port));
+
+	sk = skops->sk;
+	if (!sk) {
+		cnt->insert_errors++;
+		return 1;
+	}
+	/* State first: sk_msg then only reads it (no allocation on the hot
+	 * path, nothing there that can fail after a socket is inserted). */
+	st = netaccel_state.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		cnt->insert_errors++;
+		return 1;
+	}
+	st->fell_back = 0;
+	/* BPF_NOEXIST: a duplicate 4-tuple (same addresses in two namespaces)
+	 * is left alone rather than stealing the other socket's slot. */
+	err = netaccel_socks.sock_hash_update(skops, &key, BPF_NOEXIST);
+	if (err != 0) {
+		cnt->insert_errors++;
+		return 1;
+	}
+	cnt->inserted++;
+	return 1;
+}
+
+int netaccel_msg(struct sk_msg_md *msg)
+{
+	struct sock_key peer = {};
+	struct counters *cnt;
+	struct conn_state *st;
+	struct bpf_sock *sk;
+	__u32 zero = 0;
+	__u32 family, size;
+	long verdict;
+
+	cnt = netaccel_cnt.lookup(&zero);
+	if (!cnt)
+		return SK_PASS;
+	sk = msg->sk;
+	if (!sk) {
+		cnt->no_state++;
+		return SK_PASS;
+	}
+	st = netaccel_state.sk_storage_get(sk, 0, 0);
+	if (!st) {
+		cnt->no_state++;
+		return SK_PASS;
+	}
+	if (st->fell_back) {  /* ordering rule 3: once on the kernel path, stay */
+		cnt->fallback_msgs++;
+		return SK_PASS;
+	}
+
+	/* The peer's key: our tuple swapped. */
+	family = CTX_U32(msg, family);
+	if (family == NA_AF_INET)
+		fill_v4(&peer, CTX_U32(msg, remote_ip4), CTX_U32(msg, local_ip4));
+	else
+		READ_ADDRS(msg, peer.remote, peer.local);
+	peer.rport = CTX_U32(msg, local_port);
+	peer.lport = REMOTE_PORT(CTX_U32(msg, remote_port));
+	size = CTX_U32(msg, size);
+
+	verdict = netaccel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+	if (verdict == SK_PASS) {
+		cnt->redirected_msgs++;
+		cnt->redirected_bytes += size;
+		return SK_PASS;
+	}
+	/* Miss: the peer is not (or no longer) in the map.  Mark first, then
+	 * let this and every later message of this socket take TCP. */
+	st->fell_back = 1;
+	cnt->fallback_dirs++;
+	cnt->fallback_msgs++;
+	return SK_PASS;
+}

@@ -1,0 +1,458 @@
+"""Same-node socket bypass: sock_ops + sk_msg (bpf/sockmap.c), loaded with bcc.
+
+    enable(cidrs)  compile, pin under PIN_DIR, attach sock_ops to the cgroup v2 root
+                   (BPF_F_ALLOW_MULTI) and sk_msg to the sockhash; idempotent.
+    disable()      detach and unpin everything of ours; safe when nothing is enabled.
+    status()       counters and the accelerated set, read from the pinned maps (any process).
+
+All state lives in the kernel: the attachments are legacy BPF_PROG_ATTACH ones, which outlive
+the enabling process, and the maps and programs are pinned in bpffs. Our programs are found by
+name (PROG_OPS_NAME, PROG_MSG_NAME), so a crashed run's leftovers can be cleaned up even when
+its pins are gone. Map access from user space uses the bpf() syscall directly (ctypes), so
+status() needs neither bcc nor kernel headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from node_helper import kernel
+from node_helper.kernel import KernelFeatureError
+
+BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "sockmap.c"
+PIN_DIR = kernel.BPFFS / "netaccel" / "bypass"
+LOCK_FILE = Path("/run/netaccel-bypass.lock")
+PROG_OPS_NAME = "netaccel_ops"
+PROG_MSG_NAME = "netaccel_msg"
+# pin name -> bcc object name
+PINNED_PROGS = {"prog_ops": PROG_OPS_NAME, "prog_msg": PROG_MSG_NAME}
+PINNED_MAPS = {"map_socks": "netaccel_socks", "map_accel": "netaccel_accel",
+               "map_counters": "netaccel_cnt"}
+# Field order of struct counters in bpf/sockmap.c.
+COUNTER_FIELDS = (
+    "redirected_msgs", "redirected_bytes", "fallback_msgs", "fallback_dirs", "inserted",
+    "skipped_not_in_set", "skipped_sent_data", "insert_errors", "no_state",
+)
+SOCK_KEY_SIZE = 40  # struct sock_key
+LPM_KEY_SIZE = 20  # struct lpm_key
+_MOUNTINFO = Path("/proc/self/mountinfo")  # tests point this at a fake one
+_MODULES_DIR = Path("/lib/modules")  # ditto, for "no headers"
+
+# --- the bpf() syscall --------------------------------------------------------------------
+
+_SYS_BPF = 321  # x86_64
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+BPF_MAP_GET_NEXT_KEY, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH = 4, 6, 7, 8, 9
+BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 11, 13, 15, 16
+BPF_CGROUP_SOCK_OPS, BPF_SK_MSG_VERDICT = 3, 7
+BPF_F_ALLOW_MULTI = 2
+BPF_MAP_TYPE_SOCKHASH = 18
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _bpf(cmd: int, attr: bytes | bytearray) -> tuple[int, ctypes.Array]:
+    """Call bpf(cmd, attr); return (result, the attr buffer as the kernel left it)."""
+    buf = ctypes.create_string_buffer(bytes(attr).ljust(128, b"\0"), 128)
+    ret = _libc.syscall(_SYS_BPF, cmd, buf, 128)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
+    return ret, buf
+
+
+def _addr(buf: ctypes.Array) -> int:
+    return ctypes.addressof(buf)
+
+
+def obj_get(path: Path) -> int:
+    """Open a pinned object; return its fd."""
+    p = ctypes.create_string_buffer(str(path).encode())
+    fd, _ = _bpf(BPF_OBJ_GET, struct.pack("=QII", _addr(p), 0, 0))
+    return fd
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    p = ctypes.create_string_buffer(str(path).encode())
+    _bpf(BPF_OBJ_PIN, struct.pack("=QII", _addr(p), fd, 0))
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", fd, 0, _addr(k), _addr(v), 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def map_update(fd: int, key: bytes, value: bytes) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    _bpf(BPF_MAP_UPDATE_ELEM, struct.pack("=IIQQQ", fd, 0, _addr(k), _addr(v), 0))
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    k = ctypes.create_string_buffer(key, len(key))
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, struct.pack("=IIQQ", fd, 0, _addr(k), 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
+    """All keys of a map (GET_NEXT_KEY from "no key")."""
+    nxt = ctypes.create_string_buffer(key_size)
+    cur: ctypes.Array | None = None
+    while True:
+        try:
+            _bpf(BPF_MAP_GET_NEXT_KEY,
+                 struct.pack("=IIQQ", fd, 0, _addr(cur) if cur is not None else 0, _addr(nxt)))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        yield nxt.raw
+        cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int = 0) -> None:
+    _bpf(BPF_PROG_ATTACH, struct.pack("=IIII", target_fd, prog_fd, attach_type, flags))
+
+
+def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
+    _bpf(BPF_PROG_DETACH, struct.pack("=III", target_fd, prog_fd, attach_type))
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """Ids of the programs attached to target_fd (a cgroup or a sockmap) for attach_type."""
+    ids = (ctypes.c_uint32 * 64)()
+    _, buf = _bpf(BPF_PROG_QUERY,
+                  struct.pack("=IIIIQI", target_fd, attach_type, 0, 0, ctypes.addressof(ids), 64))
+    count = struct.unpack_from("=I", buf.raw, 24)[0]
+    return list(ids[:count])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    fd, _ = _bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id))
+    return fd
+
+
+def prog_info(fd: int) -> tuple[int, str]:
+    """(id, name) of a program fd."""
+    info = ctypes.create_string_buffer(256)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 256, _addr(info)))
+    prog_id = struct.unpack_from("=I", info.raw, 4)[0]
+    name = info.raw[64:80].split(b"\0", 1)[0].decode()
+    return prog_id, name
+
+
+def all_prog_names() -> dict[int, str]:
+    """Every loaded BPF program on the machine: id -> name."""
+    found: dict[int, str] = {}
+    start = 0
+    while True:
+        try:
+            _, buf = _bpf(BPF_PROG_GET_NEXT_ID, struct.pack("=I", start))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return found
+            raise
+        start = struct.unpack_from("=I", buf.raw, 4)[0]
+        with contextlib.suppress(OSError), _closing(prog_fd_by_id(start)) as fd:
+            found[start] = prog_info(fd)[1]
+
+
+@contextlib.contextmanager
+def _closing(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return sum(int(b) - int(a) + 1 if "-" in part else 1
+               for part in text.split(",") for a, _, b in [part.partition("-")])
+
+
+# --- the accelerated set ------------------------------------------------------------------
+
+def parse_cidrs(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Validate CIDRs (host bits must be zero); ValueError names the offending string."""
+    if isinstance(cidrs, str):
+        raise ValueError(f"cidrs must be a list of strings, not the string {cidrs!r}")
+    if not cidrs:
+        raise ValueError("the accelerated set is empty: give at least one CIDR")
+    nets = []
+    for text in cidrs:
+        try:
+            nets.append(ipaddress.ip_network(str(text).strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(f"invalid CIDR {text!r}: {exc}") from None
+    return nets
+
+
+def lpm_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
+    """struct lpm_key for a network: IPv4 as ::ffff:a.b.c.d/(96+len)."""
+    if net.version == 4:
+        addr = b"\0" * 10 + b"\xff\xff" + net.network_address.packed
+        plen = 96 + net.prefixlen
+    else:
+        addr, plen = net.network_address.packed, net.prefixlen
+    return struct.pack("=I", plen) + addr
+
+
+def key_to_cidr(key: bytes) -> str:
+    plen = struct.unpack_from("=I", key)[0]
+    addr = ipaddress.IPv6Address(key[4:20])
+    if addr.ipv4_mapped is not None and plen >= 96:
+        return f"{addr.ipv4_mapped}/{plen - 96}"
+    return f"{addr}/{plen}"
+
+
+# --- state inspection ---------------------------------------------------------------------
+
+def _cgroup_root() -> Path:
+    return kernel.cgroup2_root(_MOUNTINFO)
+
+
+def _ours_on_cgroup(cgroup_fd: int) -> list[int]:
+    """Ids of our sock_ops programs attached to the cgroup (found by name)."""
+    ours = []
+    for prog_id in prog_query(cgroup_fd, BPF_CGROUP_SOCK_OPS):
+        with contextlib.suppress(OSError), _closing(prog_fd_by_id(prog_id)) as fd:
+            if prog_info(fd)[1] == PROG_OPS_NAME:
+                ours.append(prog_id)
+    return ours
+
+
+def attached_programs(cgroup: Path | None = None) -> list[int]:
+    """Ids of netaccel sock_ops programs attached to the cgroup v2 root (empty when off)."""
+    cg = cgroup or _cgroup_root()
+    with _closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
+        return _ours_on_cgroup(cgfd)
+
+
+def _pins_complete() -> bool:
+    return all((PIN_DIR / n).exists() for n in (*PINNED_PROGS, *PINNED_MAPS))
+
+
+def _is_enabled(cgroup_fd: int) -> bool:
+    """Pins complete, the pinned sock_ops attached to the cgroup and sk_msg to the sockhash."""
+    if not _pins_complete():
+        return False
+    try:
+        with _closing(obj_get(PIN_DIR / "prog_ops")) as ops_fd:
+            ops_id = prog_info(ops_fd)[0]
+        if ops_id not in prog_query(cgroup_fd, BPF_CGROUP_SOCK_OPS):
+            return False
+        with _closing(obj_get(PIN_DIR / "prog_msg")) as msg_fd, \
+                _closing(obj_get(PIN_DIR / "map_socks")) as socks_fd:
+            msg_id = prog_info(msg_fd)[0]
+            try:
+                return msg_id in prog_query(socks_fd, BPF_SK_MSG_VERDICT)
+            except OSError as exc:  # kernels < 6.0 cannot query a sockmap: trust the pins
+                return exc.errno == errno.EINVAL
+    except OSError:
+        return False
+
+
+def _cleanup(cgroup_fd: int) -> None:
+    """Detach and unpin everything of ours, whatever state it is in. Idempotent."""
+    # 1. No new sockets enter the sockhash.
+    for prog_id in _ours_on_cgroup(cgroup_fd):
+        with contextlib.suppress(OSError), _closing(prog_fd_by_id(prog_id)) as fd:
+            prog_detach(cgroup_fd, fd, BPF_CGROUP_SOCK_OPS)
+    # 2. Take the sk_msg program off the sockhash, then let the map go. Sockets still in it
+    #    leave the bypass when the last reference to the map is dropped; their already
+    #    redirected data stays readable (tests/kernel/test_bypass.py checks it).
+    with contextlib.suppress(OSError), _closing(obj_get(PIN_DIR / "map_socks")) as socks_fd:
+        with contextlib.suppress(OSError), _closing(obj_get(PIN_DIR / "prog_msg")) as msg_fd:
+            prog_detach(socks_fd, msg_fd, BPF_SK_MSG_VERDICT)
+        with contextlib.suppress(OSError):
+            for prog_id in prog_query(socks_fd, BPF_SK_MSG_VERDICT):
+                with contextlib.suppress(OSError), _closing(prog_fd_by_id(prog_id)) as fd:
+                    prog_detach(socks_fd, fd, BPF_SK_MSG_VERDICT)
+    # 3. Unpin.
+    if PIN_DIR.exists():
+        for entry in PIN_DIR.iterdir():
+            entry.unlink()
+        PIN_DIR.rmdir()
+    with contextlib.suppress(OSError):
+        PIN_DIR.parent.rmdir()  # only if empty: other netaccel parts may pin there too
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """Serialise enable/disable between processes on this node."""
+    with open(LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _cgroup_fd() -> Iterator[tuple[Path, int]]:
+    cg = _cgroup_root()
+    with _closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as fd:
+        yield cg, fd
+
+
+# --- the public API -----------------------------------------------------------------------
+
+def enable(cidrs: Sequence[str]) -> dict[str, Any]:
+    """Bypass TCP between sockets whose two ends are both in `cidrs`; return status().
+
+    Already enabled: replace the accelerated set in place. Leftovers of a crashed run are
+    removed first. On failure nothing of ours stays attached or pinned.
+    """
+    nets = parse_cidrs(cidrs)
+    with _locked(), _cgroup_fd() as (cg, cgfd):
+        kernel.ensure_bpffs()
+        if _is_enabled(cgfd):
+            _set_accel(nets)
+            return status()
+        _cleanup(cgfd)
+        try:
+            _fresh_start(cgfd, nets)
+        except BaseException:
+            _cleanup(cgfd)
+            raise
+    return status()
+
+
+def disable() -> None:
+    """Detach and unpin everything of ours. Safe when nothing is enabled."""
+    with _locked(), _cgroup_fd() as (_, cgfd):
+        _cleanup(cgfd)
+
+
+def status() -> dict[str, Any]:
+    """State and counters, read from the pinned maps (works from any process)."""
+    result: dict[str, Any] = {"enabled": False, "sockets": 0, "cidrs": [],
+                              "pin_dir": str(PIN_DIR)}
+    result.update(dict.fromkeys(COUNTER_FIELDS, 0))
+    try:
+        cg = _cgroup_root()
+        result["cgroup"] = str(cg)
+    except KernelFeatureError:
+        result["cgroup"] = None
+        return result
+    with _closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
+        result["enabled"] = _is_enabled(cgfd)
+    if not _pins_complete():
+        return result
+    with contextlib.suppress(OSError):
+        with _closing(obj_get(PIN_DIR / "map_counters")) as fd:
+            result.update(_read_counters(fd))
+        with _closing(obj_get(PIN_DIR / "map_socks")) as fd:
+            result["sockets"] = sum(1 for _ in map_keys(fd, SOCK_KEY_SIZE))
+        with _closing(obj_get(PIN_DIR / "map_accel")) as fd:
+            result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY_SIZE))
+    return result
+
+
+# --- internals ----------------------------------------------------------------------------
+
+def _read_counters(fd: int) -> dict[str, int]:
+    size = 8 * len(COUNTER_FIELDS)
+    ncpu = _possible_cpus()
+    raw = map_lookup(fd, b"\0\0\0\0", size * ncpu) or b""
+    totals = [0] * len(COUNTER_FIELDS)
+    for cpu in range(len(raw) // size):
+        for i, value in enumerate(struct.unpack_from(f"={len(COUNTER_FIELDS)}Q", raw, cpu * size)):
+            totals[i] += value
+    return dict(zip(COUNTER_FIELDS, totals, strict=True))
+
+
+def _set_accel(nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+    """Make the pinned trie hold exactly `nets` (adds first, then removes)."""
+    wanted = {lpm_key(n) for n in nets}
+    with _closing(obj_get(PIN_DIR / "map_accel")) as fd:
+        for key in wanted:
+            map_update(fd, key, struct.pack("=I", 1))
+        for key in list(map_keys(fd, LPM_KEY_SIZE)):
+            if key not in wanted:
+                map_delete(fd, key)
+
+
+def _probe_sockhash() -> None:
+    """KernelFeatureError unless the kernel can create a SOCKHASH."""
+    try:
+        fd, _ = _bpf(BPF_MAP_CREATE, struct.pack("=IIIII", BPF_MAP_TYPE_SOCKHASH, 4, 4, 1, 0))
+    except OSError as exc:
+        raise KernelFeatureError(
+            f"the kernel cannot create a BPF sockhash ({exc.strerror}): it needs "
+            "CONFIG_BPF_SYSCALL, CONFIG_BPF_STREAM_PARSER and CONFIG_CGROUP_BPF (Linux >= 4.18)"
+        ) from None
+    os.close(fd)
+
+
+def _compile() -> Any:
+    """Compile and load bpf/sockmap.c with bcc; return (bpf, ops fn, msg fn)."""
+    kernel.ensure_bcc_headers(_MODULES_DIR)
+    bcc = kernel.import_bcc()
+    try:
+        bpf = bcc.BPF(src_file=str(BPF_SOURCE).encode())
+        ops = bpf.load_func(PROG_OPS_NAME.encode(), bcc.BPF.SOCK_OPS)
+        msg = bpf.load_func(PROG_MSG_NAME.encode(), bcc.BPF.SK_MSG)
+    except Exception as exc:
+        raise KernelFeatureError(
+            f"bcc could not compile or load {BPF_SOURCE.name}: {exc}. {kernel.HEADER_HINT}"
+        ) from exc
+    return bpf, ops, msg
+
+
+def _table_fd(bpf: Any, name: str) -> int:
+    """fd of a map bcc created (bcc's Table wrapper does not know SOCKHASH)."""
+    from bcc.libbcc import lib
+
+    fd = lib.bpf_table_fd(bpf.module, name.encode())
+    if fd < 0:
+        raise RuntimeError(f"bcc created no map {name}")
+    return fd
+
+
+def _fresh_start(cgroup_fd: int, nets: Sequence[Any]) -> None:
+    _probe_sockhash()
+    bpf, ops, msg = _compile()
+    try:
+        PIN_DIR.mkdir(parents=True, exist_ok=True)
+        fds = {name: _table_fd(bpf, name) for name in PINNED_MAPS.values()}
+        for net in nets:
+            map_update(fds["netaccel_accel"], lpm_key(net), struct.pack("=I", 1))
+        for pin, name in PINNED_MAPS.items():
+            obj_pin(fds[name], PIN_DIR / pin)
+        obj_pin(ops.fd, PIN_DIR / "prog_ops")
+        obj_pin(msg.fd, PIN_DIR / "prog_msg")
+        # sk_msg first: a socket takes the sockhash's programs when it is inserted, so every
+        # inserted socket runs the verdict program from its first message.
+        prog_attach(fds["netaccel_socks"], msg.fd, BPF_SK_MSG_VERDICT)
+        try:
+            prog_attach(cgroup_fd, ops.fd, BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
+        except OSError as exc:
+            raise KernelFeatureError(
+                f"cannot attach sock_ops to the cgroup v2 root: {exc.strerror} "
+                "(needs CONFIG_CGROUP_BPF and root)"
+            ) from None
+    finally:
+        bpf.cleanup()
