@@ -18,10 +18,10 @@ import xml.parsers.expat
 from dataclasses import dataclass, field
 
 from hook_sidecar.errors import HookInputError
-from hook_sidecar.settings import VIRTIO_MODELS, Settings, settings_from_json
+from hook_sidecar.settings import VIRTIO_MODELS, Settings, load_vmi, settings_from_vmi, vmi_ident
 
-__all__ = ["HookInputError", "MAX_DOMAIN_BYTES", "edit_domain", "edit_xml", "HOST_OFF",
-           "GUEST_OFF"]
+__all__ = ["HookInputError", "MAX_DOMAIN_BYTES", "edit_domain", "edit_xml", "on_define_domain",
+           "HOST_OFF", "GUEST_OFF"]
 
 MAX_DOMAIN_BYTES = 16 * 1024 * 1024
 ALIAS_PREFIX = "ua-"
@@ -366,9 +366,20 @@ def edit_xml(domain_xml: bytes, settings: Settings) -> bytes:
     return b"".join(parts)
 
 
+def on_define_domain(domain_xml: bytes, vmi_json: bytes) -> tuple[bytes, str]:
+    """edit_domain(), also returning the VMI's "namespace/name" (for log lines)."""
+    vmi = load_vmi(vmi_json)
+    ident = vmi_ident(vmi)
+    try:
+        return edit_xml(domain_xml, settings_from_vmi(vmi)), ident
+    except HookInputError as exc:
+        raise HookInputError(f"VMI {ident}: {exc}") from None
+
+
 def edit_domain(domain_xml: bytes, vmi_json: bytes) -> bytes:
     """One call for KubeVirt's OnDefineDomain: settings from the VMI, then the XML edit.
 
-    Raises HookInputError (a ValueError) with a human message on bad input.
+    Raises HookInputError (a ValueError) with a human message on bad input; messages
+    about the domain or the annotations start with "VMI namespace/name: ".
     """
-    return edit_xml(domain_xml, settings_from_json(vmi_json))
+    return on_define_domain(domain_xml, vmi_json)[0]

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from hook_sidecar import __version__
-from hook_sidecar.domain import MAX_DOMAIN_BYTES, edit_xml
+from hook_sidecar.domain import MAX_DOMAIN_BYTES, on_define_domain
 from hook_sidecar.errors import HookInputError
 from hook_sidecar.proto import (
     api_info_pb2,
@@ -36,7 +36,7 @@ from hook_sidecar.proto import (
     api_v1alpha3_pb2,
     api_v1alpha3_pb2_grpc,
 )
-from hook_sidecar.settings import MAX_VMI_BYTES, load_vmi, settings_from_vmi, vmi_ident
+from hook_sidecar.settings import MAX_VMI_BYTES
 
 log = logging.getLogger("netaccel.hook")
 
@@ -57,17 +57,6 @@ _ADD = {
 
 class SocketInUseError(RuntimeError):
     """Another live server answers on the socket path (or the path is not a socket)."""
-
-
-def on_define_domain(domain_xml: bytes, vmi_json: bytes) -> tuple[bytes, str]:
-    """The OnDefineDomain work: (new domain XML, "namespace/name"). Raises HookInputError."""
-    vmi = load_vmi(vmi_json)
-    ident = vmi_ident(vmi)
-    try:
-        return edit_xml(domain_xml, settings_from_vmi(vmi)), ident
-    except HookInputError as exc:
-        exc.args = (f"VMI {ident}: {exc}",)
-        raise
 
 
 class _Call:
