@@ -51,6 +51,7 @@ from types import TracebackType
 from xml.sax.saxutils import escape, quoteattr
 
 from pyroute2 import IPRoute, NetNS
+from pyroute2 import netns as pyroute2_netns
 
 from node_helper.guest_image import DEFAULT_CMDLINE, GuestImage, build_guest_image
 from node_helper.kernel import NETNS_DIR
@@ -63,10 +64,13 @@ __all__ = [
     "QemuGuest",
     "TEST_PREFIX",
     "build_guest_image",
+    "claim",
     "cleanup_stale",
     "domain_names",
     "ensure_libvirtd",
+    "is_claimed",
     "kubevirt_domain_xml",
+    "release",
     "start_guest",
 ]
 
@@ -76,6 +80,7 @@ QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 LIBVIRTD_LOG = Path("/var/log/libvirt/libvirtd.log")
 RUN_DIR = Path("/var/lib/netaccel/guests")
 LOCK_FILE = Path("/run/netaccel-libvirtd.lock")
+CLAIM_DIR = Path("/run/netaccel/claims")
 TEST_PREFIX = "netaccel-e2e-"
 HOST_TAP_PREFIX = "nat"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -435,6 +440,7 @@ class QemuGuest:
     run_dir: Path
     mac: str | None = None
     tap_index: int | None = None
+    claimed: bool = field(default=False, repr=False)  # start_guest claimed the name
     stopped: bool = field(default=False, repr=False)
 
     def __enter__(self) -> QemuGuest:
@@ -540,6 +546,8 @@ class QemuGuest:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 (QEMU_LOG_DIR / f"{self.name}.log").unlink()
+        if self.claimed:
+            release(self.name)
         self.stopped = True
         if errors:
             raise RuntimeError(f"stopping guest {self.name}: " + "; ".join(errors))
@@ -582,6 +590,10 @@ def start_guest(name: str, netns: str, bridge: str, domain_xml: bytes,
     run_dir = RUN_DIR / name
     guest = QemuGuest(name=name, netns=netns, bridge=bridge, tap=tap, host_tap=host_tap,
                       console_log=prepared.console_log, run_dir=run_dir, mac=prepared.mac)
+    claimed_here = not is_claimed(name)
+    if claimed_here:
+        claim(name)
+    guest.claimed = claimed_here
     try:
         _destroy_domain(name)  # a leftover of the same name from a crashed run
         _delete_link(host_tap, kind="tun")
@@ -615,26 +627,80 @@ def domain_names(prefix: str = "") -> list[str]:
         conn.close()
 
 
-def cleanup_stale(prefix: str = TEST_PREFIX) -> list[str]:
-    """Destroy and undefine domains named `prefix*`, with their host taps and files.
+# --- ownership and stale clean-up -------------------------------------------------
+#
+# Several test sessions may run at once on one machine. A session must not clean up what
+# another, still running session owns, so names are claimed: CLAIM_DIR/<name> holds the
+# claiming process's pid and start time. A claim whose process is gone is stale.
 
-    For use after a crash. Taps already moved into a pod namespace go with that namespace.
-    Returns the names of the domains removed."""
+
+def _process_start(pid: int) -> str | None:
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat_line.rsplit(")", 1)[1].split()[19]  # field 22: start time in ticks
+
+
+def claim(name: str) -> None:
+    """Mark `name` (a domain, netns, ...) as owned by this process until release()."""
+    CLAIM_DIR.mkdir(parents=True, exist_ok=True)
+    (CLAIM_DIR / name).write_text(f"{os.getpid()} {_process_start(os.getpid())}\n")
+
+
+def release(name: str) -> None:
+    """Drop this process's claim on `name`."""
+    with contextlib.suppress(FileNotFoundError):
+        (CLAIM_DIR / name).unlink()
+
+
+def is_claimed(name: str) -> bool:
+    """True if a live process claims `name`."""
+    try:
+        pid, start = (CLAIM_DIR / name).read_text().split()
+    except (OSError, ValueError):
+        return False
+    return _process_start(int(pid)) == start
+
+
+def cleanup_stale(prefix: str = TEST_PREFIX) -> list[str]:
+    """Remove what crashed runs left behind under names starting with `prefix`.
+
+    Domains (destroyed and undefined), their host-side taps and files, and network
+    namespaces (after killing the processes in them, e.g. dnsmasq). Names a live process
+    claims (see claim()) are left alone. Returns the names removed."""
     if not prefix:
         raise ValueError("cleanup_stale needs a non-empty prefix")
     ensure_libvirtd()
-    names = domain_names(prefix)
-    for name in names:
+    removed: set[str] = set()
+    for name in domain_names(prefix):
+        if is_claimed(name):
+            continue
         _destroy_domain(name)
         with contextlib.suppress(Exception):
             _delete_link(host_tap_name(name), kind="tun")
-    if RUN_DIR.exists():
-        for d in RUN_DIR.iterdir():
-            if d.name.startswith(prefix):
-                shutil.rmtree(d, ignore_errors=True)
-                with contextlib.suppress(FileNotFoundError):
-                    (QEMU_LOG_DIR / f"{d.name}.log").unlink()
-    return names
+        removed.add(name)
+    netns_names = [p.name for p in NETNS_DIR.iterdir()] if NETNS_DIR.exists() else []
+    for name in netns_names:
+        if name.startswith(prefix) and not is_claimed(name):
+            for pid in pyroute2_netns.ns_pids().get(name, []):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                pyroute2_netns.remove(name)
+            removed.add(name)
+    for directory in (RUN_DIR, CLAIM_DIR):
+        if directory.exists():
+            for d in directory.iterdir():
+                if d.name.startswith(prefix) and not is_claimed(d.name):
+                    if d.is_dir():
+                        shutil.rmtree(d, ignore_errors=True)
+                    else:
+                        d.unlink(missing_ok=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        (QEMU_LOG_DIR / f"{d.name}.log").unlink()
+                    removed.add(d.name)
+    return sorted(removed)
 
 
 # --- DHCP ---------------------------------------------------------------------------

@@ -68,7 +68,10 @@ def unique_name() -> str:
 @pytest.fixture
 def launcher_netns(unique_name: str) -> Iterator[str]:
     """A virt-launcher-like network namespace holding an (up) bridge named k6t-eth0."""
+    from node_helper.qemu_guest import claim, release
+
     name = unique_name
+    claim(name)  # a parallel session's cleanup_stale() leaves it alone
     netns.create(name)
     try:
         with NetNS(name) as ns:
@@ -82,6 +85,7 @@ def launcher_netns(unique_name: str) -> Iterator[str]:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             netns.remove(name)
+        release(name)
 
 
 def udp_socket_in(netns_name: str, address: str, port: int = 0) -> socket.socket:
