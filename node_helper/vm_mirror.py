@@ -1,0 +1,854 @@
+"""VM datapath: move a KubeVirt VM's frames straight between its tap and the pod veth.
+
+In KubeVirt's bridge binding the launcher pod's netns holds a bridge `k6t-<name>` with two
+ports: the VM's tap (QEMU's virtio-net backend) and the renamed pod veth `<name>-nic`. This
+module installs tc ingress handling on both ports that redirects every frame to the other
+port's egress, skipping the bridge, except DHCP (UDP dport 67/68) and DHCPv6 (UDP dport
+546/547), which continue to the bridge where virt-launcher's DHCP server listens.
+
+Two datapaths, same rule:
+- "mirror": u32 filters only (this kernel has no gact/flower/matchall). At priority
+  PRIO_DHCP4/PRIO_DHCP6 a u32 filter matches the DHCP ports with a classid and no action:
+  that ends classification "OK" and the packet goes on to the bridge. At PRIO_MIRROR a
+  match-all u32 filter with a mirred egress redirect takes everything else.
+- "bpf": one cls_bpf program in direct-action mode (bpf/tc_redirect.c, compiled with bcc)
+  at PRIO_BPF that returns TC_ACT_OK for DHCP and bpf_redirect() for the rest.
+
+Optionally (checksum="off", the default) rx/tx checksum offload is turned off on both ports.
+
+Where the restore state lives (in the kernel, no file): every device carries its own
+16-byte record (`_State`) saying which datapath is in place, whether netaccel created the
+clsact qdisc, and which checksum features netaccel turned off (so restore turns back on
+exactly those). For "mirror" the record is the tc action cookie of the mirred action; for
+"bpf" it is the cls_bpf filter's name ("netaccel:<hex>"); cls_bpf in direct-action mode
+runs no actions, so it has no cookie. Our filters are also recognisable by their reserved
+priorities (PRIO_DHCP4..PRIO_BPF, 0x4e41.. = "NA") on the ingress hook.
+
+Testbed convention: a veth bridge port whose IFLA_IFALIAS is TAP_STANDIN_ALIAS stands in for
+QEMU's tap (the testbed's netns guests); a real tun/tap port (kind "tun") is the real thing.
+
+Failure handling is fail-open: if anything fails part-way through `accelerate`, everything
+netaccel installed on the two devices is removed, so traffic takes the bridge again (for a
+re-apply this means the namespace ends up un-accelerated, never half-accelerated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import platform
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from socket import htons, ntohs
+from typing import Any
+
+from pyroute2 import NetNS
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    nla,
+    nlmsg,
+)
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_DELTFILTER, RTM_GETTFILTER, RTM_NEWTFILTER
+from pyroute2.netlink.rtnl.tcmsg import act_mirred, cls_u32, tcmsg
+from pyroute2.netlink.rtnl.tcmsg.common import stats2
+
+from node_helper.kernel import ensure_bcc_headers, import_bcc, in_netns
+
+# The alias node_helper.testbed puts on its veth stand-in for QEMU's tap (kept equal there;
+# the datapath does not import the testbed).
+TAP_STANDIN_ALIAS = "netaccel-testbed-tap"
+
+DATAPATHS = ("mirror", "bpf")
+CHECKSUM_MODES = ("off", "keep")
+
+# tc layout: filters on the ingress hook of a clsact (or ingress) qdisc.
+TC_H_INGRESS_HOOK = 0xFFFFFFF2  # ffff:fff2, the ingress hook of both clsact and ingress
+PRIO_DHCP4 = 0x4E41  # u32, protocol ip: UDP dport 67 and 68 -> classid, no action
+PRIO_DHCP6 = 0x4E42  # u32, protocol ipv6: UDP dport 546/547 -> classid, no action
+PRIO_MIRROR = 0x4E43  # u32 match-all, protocol all, mirred egress redirect (+ cookie)
+PRIO_BPF = 0x4E44  # cls_bpf direct-action, protocol all (name carries the state)
+OUR_PRIOS = (PRIO_DHCP4, PRIO_DHCP6, PRIO_MIRROR, PRIO_BPF)
+CLASSID_PASS = 0xFFFF4E41  # "flowid ffff:4e41": meaningless on ingress, marks our filters
+ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
+
+# Checksum offload features turned off with checksum="off" (ethtool names). Disabling the
+# tx checksums also makes the kernel drop TSO/GSO-dependent features; those come back by
+# themselves when the checksums are turned on again (their "wanted" bits are untouched).
+CHECKSUM_FEATURES = (
+    "rx-checksum",
+    "tx-checksum-ipv4",
+    "tx-checksum-ip-generic",
+    "tx-checksum-ipv6",
+    "tx-checksum-fcoe-crc",
+    "tx-checksum-sctp",
+)
+
+BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "tc_redirect.c"
+BPF_NAME_PREFIX = "netaccel:"
+# Counter slots of bpf/tc_redirect.c's `counters` map.
+COUNTER_SLOTS = ("tap_to_veth", "veth_to_tap", "tap_to_bridge", "veth_to_bridge")
+
+_MULTUS_HASHED = re.compile(r"^pod([0-9a-f]{11})$")
+
+
+class VmShapeError(ValueError):
+    """The namespace is not in KubeVirt's bridge binding shape; the message says what was found."""
+
+
+class VmDatapathError(RuntimeError):
+    """A datapath operation failed (after rolling back); the message says why."""
+
+
+# --- devices -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    """One network device in the launcher netns."""
+
+    name: str
+    index: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class Devices:
+    """The bridge binding's devices for one pod interface."""
+
+    bridge: Link
+    tap: Link
+    veth: Link
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {"bridge": asdict(self.bridge), "tap": asdict(self.tap), "veth": asdict(self.veth)}
+
+
+def bridge_name(interface: str) -> str:
+    """KubeVirt's bridge name for a pod interface: eth0 -> k6t-eth0, pod<hash> -> k6t-<hash>."""
+    if not interface or len(interface) > 15 or "/" in interface or interface.strip() != interface:
+        raise VmShapeError(f"{interface!r} is not a valid interface name")
+    m = _MULTUS_HASHED.match(interface)
+    name = f"k6t-{m.group(1) if m else interface}"
+    if len(name) > 15:
+        raise VmShapeError(f"interface {interface!r} gives bridge name {name!r}, too long")
+    return name
+
+
+def _kind(link: Any) -> str:
+    info = link.get_attr("IFLA_LINKINFO")
+    return (info.get_attr("IFLA_INFO_KIND") if info else None) or "device"
+
+
+def _describe(links: list[Any]) -> str:
+    return ", ".join(f"{lk.get_attr('IFLA_IFNAME')} ({_kind(lk)})" for lk in links) or "nothing"
+
+
+def _find(ns: NetNS, netns: str, interface: str) -> Devices:
+    wanted = bridge_name(interface)
+    links = [lk for lk in ns.get_links() if lk.get_attr("IFLA_IFNAME") != "lo"]
+    by_name = {lk.get_attr("IFLA_IFNAME"): lk for lk in links}
+    bridge = by_name.get(wanted)
+    if bridge is None or _kind(bridge) != "bridge":
+        what = "no link" if bridge is None else f"a {_kind(bridge)} link"
+        hint = ""
+        pod_if = by_name.get(interface)
+        if pod_if is not None and _kind(pod_if) == "veth":
+            hint = f" ({interface} is a plain veth: masquerade/passt binding or a plain pod?)"
+        raise VmShapeError(
+            f"netns {netns}: expected bridge {wanted} for interface {interface} (KubeVirt "
+            f"bridge binding), found {what} by that name{hint}; links: {_describe(links)}"
+        )
+    br_index = bridge["index"]
+    ports = [lk for lk in links if lk.get_attr("IFLA_MASTER") == br_index]
+    taps, veths, other = [], [], []
+    for port in ports:
+        kind = _kind(port)
+        if kind == "tun" or (kind == "veth" and port.get_attr("IFLA_IFALIAS") == TAP_STANDIN_ALIAS):
+            taps.append(port)
+        elif kind == "veth":
+            veths.append(port)
+        else:
+            other.append(port)
+    if len(taps) != 1 or len(veths) != 1 or other:
+        raise VmShapeError(
+            f"netns {netns}: bridge {wanted} must have exactly one tap (kind tun, or the testbed's "
+            f"veth stand-in aliased {TAP_STANDIN_ALIAS!r}) and one veth as ports; found "
+            f"{len(taps)} tap(s), {len(veths)} veth(s), ports: {_describe(ports)}"
+        )
+
+    def link(lk: Any) -> Link:
+        return Link(lk.get_attr("IFLA_IFNAME"), lk["index"], _kind(lk))
+
+    return Devices(bridge=link(bridge), tap=link(taps[0]), veth=link(veths[0]))
+
+
+def find_devices(netns: str, interface: str = "eth0") -> Devices:
+    """Find the bridge, tap and veth of `interface` in `netns` (by kind, not by name)."""
+    with _netns(netns) as ns:
+        return _find(ns, netns, interface)
+
+
+# --- in-kernel state -----------------------------------------------------------------------
+
+_STATE_FMT = ">4sBBBBII"  # magic, version, datapath, flags, reserved, features off, peer
+_STATE_MAGIC = b"NAcc"
+_STATE_VERSION = 1
+_FLAG_CREATED_QDISC = 1
+_FLAG_CHECKSUM_OFF = 2
+
+
+@dataclass(frozen=True)
+class _State:
+    """What netaccel did to one device; stored in the kernel with the device's filter."""
+
+    datapath: str
+    checksum: str
+    created_qdisc: bool
+    features_off: tuple[str, ...]  # checksum features that were on and netaccel turned off
+    peer: int  # ifindex frames are redirected to
+
+    def encode(self) -> bytes:
+        flags = (_FLAG_CREATED_QDISC if self.created_qdisc else 0) | (
+            _FLAG_CHECKSUM_OFF if self.checksum == "off" else 0
+        )
+        bits = sum(1 << CHECKSUM_FEATURES.index(f) for f in self.features_off)
+        return struct.pack(
+            _STATE_FMT, _STATE_MAGIC, _STATE_VERSION, DATAPATHS.index(self.datapath) + 1,
+            flags, 0, bits, self.peer,
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> _State | None:
+        if not raw or len(raw) != struct.calcsize(_STATE_FMT):
+            return None
+        magic, version, dp, flags, _, bits, peer = struct.unpack(_STATE_FMT, raw)
+        if magic != _STATE_MAGIC or version != _STATE_VERSION or not 1 <= dp <= len(DATAPATHS):
+            return None
+        return cls(
+            datapath=DATAPATHS[dp - 1],
+            checksum="off" if flags & _FLAG_CHECKSUM_OFF else "keep",
+            created_qdisc=bool(flags & _FLAG_CREATED_QDISC),
+            features_off=tuple(f for i, f in enumerate(CHECKSUM_FEATURES) if bits >> i & 1),
+            peer=peer,
+        )
+
+
+# --- netlink messages with action cookies ------------------------------------------------
+# pyroute2 0.9's tc messages drop TCA_ACT_COOKIE (and TCA_BPF_ID): these classes add them.
+# They derive from nlmsg/nla directly: subclassing pyroute2's tcmsg would inherit its
+# already-compiled attribute table.
+
+
+class _Action(nla):
+    nla_map = (
+        ("TCA_ACT_UNSPEC", "none"),
+        ("TCA_ACT_KIND", "asciiz"),
+        ("TCA_ACT_OPTIONS", "get_options"),
+        ("TCA_ACT_INDEX", "uint32"),
+        ("TCA_ACT_STATS", "stats2"),
+        ("TCA_ACT_PAD", "hex"),
+        ("TCA_ACT_COOKIE", "cdata"),
+    )
+    stats2 = stats2
+
+    @staticmethod
+    def get_options(self: nla, *argv: Any, **kwarg: Any) -> Any:
+        return act_mirred.options if self.get_attr("TCA_ACT_KIND") == "mirred" else self.hex
+
+
+class _Actions(nla):
+    nla_map = tuple((f"TCA_ACT_PRIO_{i}", "action") for i in range(33))
+    action = _Action
+
+
+class _U32Options(nla):
+    nla_map = (
+        ("TCA_U32_UNSPEC", "none"),
+        ("TCA_U32_CLASSID", "uint32"),
+        ("TCA_U32_HASH", "uint32"),
+        ("TCA_U32_LINK", "hex"),
+        ("TCA_U32_DIVISOR", "uint32"),
+        ("TCA_U32_SEL", "u32_sel"),
+        ("TCA_U32_POLICE", "hex"),
+        ("TCA_U32_ACT", "actions"),
+        ("TCA_U32_INDEV", "hex"),
+        ("TCA_U32_PCNT", "u32_pcnt"),
+        ("TCA_U32_MARK", "hex"),
+        ("TCA_U32_FLAGS", "uint32"),
+    )
+    u32_sel = cls_u32.options.u32_sel
+    u32_pcnt = cls_u32.options.u32_pcnt
+    actions = _Actions
+
+
+class _BpfOptions(nla):
+    nla_map = (
+        ("TCA_BPF_UNSPEC", "none"),
+        ("TCA_BPF_ACT", "hex"),
+        ("TCA_BPF_POLICE", "hex"),
+        ("TCA_BPF_CLASSID", "uint32"),
+        ("TCA_BPF_OPS_LEN", "uint32"),
+        ("TCA_BPF_OPS", "hex"),
+        ("TCA_BPF_FD", "uint32"),
+        ("TCA_BPF_NAME", "asciiz"),
+        ("TCA_BPF_FLAGS", "uint32"),
+        ("TCA_BPF_FLAGS_GEN", "uint32"),
+        ("TCA_BPF_TAG", "hex"),
+        ("TCA_BPF_ID", "uint32"),
+    )
+
+
+class _TcMsg(nlmsg):
+    prefix = "TCA_"
+    fields = tcmsg.fields
+    nla_map = (
+        ("TCA_UNSPEC", "none"),
+        ("TCA_KIND", "asciiz"),
+        ("TCA_OPTIONS", "get_options"),
+        ("TCA_STATS", "hex"),
+        ("TCA_XSTATS", "hex"),
+        ("TCA_RATE", "hex"),
+        ("TCA_FCNT", "hex"),
+        ("TCA_STATS2", "hex"),
+        ("TCA_STAB", "hex"),
+        ("TCA_PAD", "hex"),
+        ("TCA_DUMP_INVISIBLE", "hex"),
+        ("TCA_CHAIN", "uint32"),
+    )
+
+    @staticmethod
+    def get_options(self: nlmsg, *argv: Any, **kwarg: Any) -> Any:
+        return {"u32": _U32Options, "bpf": _BpfOptions}.get(self.get_attr("TCA_KIND"), self.hex)
+
+
+@contextlib.contextmanager
+def _netns(netns: str) -> Iterator[NetNS]:
+    """A pyroute2 NetNS whose filter messages decode with the classes above."""
+    try:
+        ns = NetNS(netns)
+    except (OSError, NetlinkError) as exc:
+        raise VmShapeError(f"cannot open network namespace {netns!r}: {exc}") from exc
+    try:
+        ns.marshal.msg_map[RTM_NEWTFILTER] = _TcMsg  # this socket's own parser table
+        yield ns
+    finally:
+        ns.close()
+
+
+def _request(ns: NetNS, msg: nlmsg, msg_type: int, flags: int) -> list[nlmsg]:
+    msg["header"]["type"] = msg_type
+    msg["header"]["flags"] = flags
+    return list(ns.nlm_request_batch([msg]))
+
+
+def _filter_msg(index: int, prio: int, protocol: int, kind: str | None = None) -> _TcMsg:
+    msg = _TcMsg()
+    msg["index"] = index
+    msg["parent"] = TC_H_INGRESS_HOOK
+    msg["info"] = (prio << 16) | htons(protocol)
+    msg["attrs"] = [["TCA_KIND", kind]] if kind else []
+    return msg
+
+
+def _add_filter(ns: NetNS, index: int, prio: int, protocol: int, kind: str,
+                options: list[list[Any]]) -> None:
+    msg = _filter_msg(index, prio, protocol, kind)
+    msg["attrs"].append(["TCA_OPTIONS", {"attrs": options}])
+    _request(ns, msg, RTM_NEWTFILTER, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+
+
+def _del_prio(ns: NetNS, index: int, prio: int, protocol: int) -> None:
+    """Delete every filter at `prio` on the ingress hook (no error if there is none)."""
+    try:
+        _request(ns, _filter_msg(index, prio, protocol), RTM_DELTFILTER,
+                 NLM_F_REQUEST | NLM_F_ACK)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.EINVAL):
+            raise
+
+
+@dataclass
+class _Filter:
+    """One of our filters as read back from the kernel."""
+
+    prio: int
+    protocol: int
+    kind: str
+    role: str  # dhcp4, dhcp6, mirror, bpf, unknown
+    packets: int | None = None
+    bytes: int | None = None
+    target: int | None = None  # mirred target ifindex
+    prog_id: int | None = None
+    state: _State | None = None
+    cookie: bytes | None = None
+
+
+def _dump_filters(ns: NetNS, index: int) -> list[_TcMsg]:
+    msg = _TcMsg()
+    msg["index"] = index
+    msg["parent"] = TC_H_INGRESS_HOOK
+    try:
+        return [m for m in _request(ns, msg, RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP)
+                if isinstance(m, _TcMsg)]
+    except NetlinkError as exc:
+        if exc.code in (errno.EINVAL, errno.ENOENT):  # no ingress/clsact qdisc
+            return []
+        raise
+
+
+def _read_filters(ns: NetNS, index: int) -> tuple[list[_Filter], list[int]]:
+    """Our filters (reserved prios) on the ingress hook, and the prios of anyone else's."""
+    ours: list[_Filter] = []
+    foreign: set[int] = set()
+    for msg in _dump_filters(ns, index):
+        prio, protocol = msg["info"] >> 16, ntohs(msg["info"] & 0xFFFF)
+        if prio not in OUR_PRIOS:
+            foreign.add(prio)
+            continue
+        opts = msg.get_attr("TCA_OPTIONS")
+        kind = msg.get_attr("TCA_KIND")
+        if not opts or (kind == "u32" and opts.get_attr("TCA_U32_SEL") is None):
+            continue  # the prio's head or u32's hash table, not a rule
+        flt = _Filter(prio, protocol, kind, "unknown")
+        if kind == "u32" and prio in (PRIO_DHCP4, PRIO_DHCP6):
+            flt.role = "dhcp4" if prio == PRIO_DHCP4 else "dhcp6"
+            pcnt = opts.get_attr("TCA_U32_PCNT")  # only with CONFIG_CLS_U32_PERF
+            if pcnt is not None:
+                flt.packets = pcnt["rhit"]
+        elif kind == "u32" and prio == PRIO_MIRROR:
+            flt.role = "mirror"
+            acts = opts.get_attr("TCA_U32_ACT")
+            act = acts.get_attr("TCA_ACT_PRIO_1") if acts else None
+            if act is not None and act.get_attr("TCA_ACT_KIND") == "mirred":
+                parms = act.get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS")
+                flt.target = parms["ifindex"]
+                basic = act.get_attr("TCA_ACT_STATS").get_attr("TCA_STATS_BASIC")
+                flt.packets, flt.bytes = basic["packets"], basic["bytes"]
+                flt.cookie = act.get_attr("TCA_ACT_COOKIE")
+                flt.state = _State.decode(flt.cookie)
+        elif kind == "bpf" and prio == PRIO_BPF:
+            flt.role = "bpf"
+            flt.prog_id = opts.get_attr("TCA_BPF_ID")
+            name = opts.get_attr("TCA_BPF_NAME") or ""
+            if name.startswith(BPF_NAME_PREFIX):
+                with contextlib.suppress(ValueError):
+                    flt.cookie = bytes.fromhex(name[len(BPF_NAME_PREFIX):])
+                    flt.state = _State.decode(flt.cookie)
+            if flt.state is not None:
+                flt.target = flt.state.peer
+        ours.append(flt)
+    return ours, sorted(foreign)
+
+
+def _qdisc_kind(ns: NetNS, index: int) -> str | None:
+    """Kind of the qdisc at ffff: (ingress or clsact) on `index`, or None."""
+    for q in ns.get_qdiscs(index=index):
+        if q["index"] == index and q["handle"] == 0xFFFF0000:
+            return q.get_attr("TCA_KIND")
+    return None
+
+
+# --- filters per datapath ------------------------------------------------------------------
+
+
+def _install_mirror(ns: NetNS, dev: Link, peer: Link, state: _State) -> None:
+    """DHCP pass filters first, then the match-all redirect carrying the state cookie."""
+    udp4 = "0x00110000/0x00ff0000+8"  # IPv4 protocol (offset 9) == UDP
+    for port in (67, 68):
+        # UDP dport at offset 22: assumes no IP options. A false match only sends a packet
+        # over the bridge, which still forwards it, so the error is on the safe side.
+        _add_filter(ns, dev.index, PRIO_DHCP4, ETH_P_IP, "u32", [
+            ["TCA_U32_CLASSID", CLASSID_PASS],
+            ["TCA_U32_SEL", {"keys": [udp4, f"0x{port:08x}/0x0000ffff+20"]}],
+        ])
+    # IPv6: next header (offset 6) == UDP and dport (offset 42) 546 or 547 (0x222/0xfffe).
+    _add_filter(ns, dev.index, PRIO_DHCP6, ETH_P_IPV6, "u32", [
+        ["TCA_U32_CLASSID", CLASSID_PASS],
+        ["TCA_U32_SEL", {"keys": ["0x00001100/0x0000ff00+4", "0x00000222/0x0000fffe+40"]}],
+    ])
+    redirect = {"direction": "egress", "action": "redirect", "ifindex": peer.index}
+    _add_filter(ns, dev.index, PRIO_MIRROR, ETH_P_ALL, "u32", [
+        ["TCA_U32_CLASSID", CLASSID_PASS],
+        ["TCA_U32_SEL", {"keys": ["0x0/0x0+0"]}],
+        ["TCA_U32_ACT", {"attrs": [["TCA_ACT_PRIO_1", {"attrs": [
+            ["TCA_ACT_KIND", "mirred"],
+            ["TCA_ACT_OPTIONS", act_mirred.get_parameters(redirect)],
+            ["TCA_ACT_COOKIE", state.encode()],
+        ]}]]}],
+    ])
+
+
+def _install_bpf(ns: NetNS, dev: Link, fd: int, state: _State) -> None:
+    _add_filter(ns, dev.index, PRIO_BPF, ETH_P_ALL, "bpf", [
+        ["TCA_BPF_FD", fd],
+        ["TCA_BPF_NAME", BPF_NAME_PREFIX + state.encode().hex()],
+        ["TCA_BPF_FLAGS", 1],  # TCA_BPF_FLAG_ACT_DIRECT
+    ])
+
+
+def _remove_filters(ns: NetNS, index: int) -> None:
+    for prio, proto in ((PRIO_MIRROR, ETH_P_ALL), (PRIO_BPF, ETH_P_ALL),
+                        (PRIO_DHCP6, ETH_P_IPV6), (PRIO_DHCP4, ETH_P_IP)):
+        _del_prio(ns, index, prio, proto)
+
+
+@contextlib.contextmanager
+def _bpf_programs(devs: Devices) -> Iterator[dict[str, int]]:
+    """Compile bpf/tc_redirect.c for these devices; yield {"tap": fd, "veth": fd}.
+
+    The fds are only needed until the filters hold the programs; the BPF object is then
+    closed and the programs live on as long as the filters do.
+    """
+    ensure_bcc_headers()
+    bcc = import_bcc()
+    cflags = [f"-DTAP_IFINDEX={devs.tap.index}", f"-DVETH_IFINDEX={devs.veth.index}", "-w"]
+    prog = bcc.BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
+    try:
+        yield {
+            "tap": prog.load_func(b"tap_to_veth", bcc.BPF.SCHED_CLS).fd,
+            "veth": prog.load_func(b"veth_to_tap", bcc.BPF.SCHED_CLS).fd,
+        }
+    finally:
+        prog.cleanup()
+
+
+# --- checksum offload ------------------------------------------------------------------------
+
+
+def _ethtool() -> Any:
+    from pyroute2.ethtool import Ethtool
+
+    return Ethtool()
+
+
+def _checksum_features(netns: str, ifnames: list[str]) -> dict[str, dict[str, dict[str, bool]]]:
+    """{ifname: {feature: {"on": bool, "changeable": bool}}} for CHECKSUM_FEATURES."""
+    out: dict[str, dict[str, dict[str, bool]]] = {}
+    with in_netns(netns):
+        et = _ethtool()
+        try:
+            for ifname in ifnames:
+                feats = et.get_features(ifname).features
+                out[ifname] = {
+                    name: {"on": bool(f.enable), "changeable": bool(f.available)}
+                    for name in CHECKSUM_FEATURES if (f := feats.get(name)) is not None
+                }
+        finally:
+            et.close()
+    return out
+
+
+def _set_features(netns: str, ifname: str, names: tuple[str, ...], on: bool) -> None:
+    if not names:
+        return
+    with in_netns(netns):
+        et = _ethtool()
+        try:
+            feats = et.get_features(ifname)
+            for name in names:
+                feats.features[name].enable = on
+            et.set_features(ifname, feats)
+        finally:
+            et.close()
+
+
+# --- reading bpf counters after a restart (bpf syscall) -------------------------------------
+
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+_BPF_MAP_LOOKUP_ELEM, _BPF_PROG_GET_FD_BY_ID, _BPF_MAP_GET_FD_BY_ID = 1, 13, 14
+_BPF_OBJ_GET_INFO_BY_FD = 15
+
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    ret = libc.syscall(_BPF_SYSCALL, cmd, attr, ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bpf({cmd}): {errno.errorcode.get(err, err)}")
+    return ret
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
+def _bpf_counters(prog_id: int) -> dict[str, dict[str, int]]:
+    """Sum the per-CPU `counters` map of the program with id `prog_id`."""
+    import os
+
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("I", attr, 0, prog_id)
+    prog_fd = _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
+    try:
+        map_ids = (ctypes.c_uint32 * 8)()
+        info = ctypes.create_string_buffer(256)
+        struct.pack_into("=IQ", info, 52, 8, ctypes.addressof(map_ids))  # nr_map_ids, map_ids
+        attr = ctypes.create_string_buffer(128)
+        struct.pack_into("IIQ", attr, 0, prog_fd, len(info), ctypes.addressof(info))
+        _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+        nr_maps = struct.unpack_from("I", info, 52)[0]
+    finally:
+        os.close(prog_fd)
+    ncpu = _possible_cpus()
+    for map_id in list(map_ids)[: min(nr_maps, 8)]:
+        attr = ctypes.create_string_buffer(128)
+        struct.pack_into("I", attr, 0, map_id)
+        map_fd = _bpf(_BPF_MAP_GET_FD_BY_ID, attr)
+        try:
+            minfo = ctypes.create_string_buffer(128)
+            attr = ctypes.create_string_buffer(128)
+            struct.pack_into("IIQ", attr, 0, map_fd, len(minfo), ctypes.addressof(minfo))
+            _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+            mtype, _, ksize, vsize, entries = struct.unpack_from("IIIII", minfo, 0)
+            if mtype != 6 or vsize != 16 or entries != len(COUNTER_SLOTS):  # PERCPU_ARRAY
+                continue
+            out = {}
+            for slot, name in enumerate(COUNTER_SLOTS):
+                key = ctypes.c_uint32(slot)
+                value = ctypes.create_string_buffer(16 * ncpu)
+                attr = ctypes.create_string_buffer(128)
+                struct.pack_into("IIQQQ", attr, 0, map_fd, 0, ctypes.addressof(key),
+                                 ctypes.addressof(value), 0)
+                _bpf(_BPF_MAP_LOOKUP_ELEM, attr)
+                pairs = struct.unpack_from(f"{2 * ncpu}Q", value)
+                out[name] = {"packets": sum(pairs[0::2]), "bytes": sum(pairs[1::2])}
+            return out
+        finally:
+            os.close(map_fd)
+    return {}
+
+
+# --- the API ---------------------------------------------------------------------------------
+
+
+def _validate(datapath: str, checksum: str) -> None:
+    if datapath not in DATAPATHS:
+        raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}, not {datapath!r}")
+    if checksum not in CHECKSUM_MODES:
+        raise ValueError(f"checksum must be one of {', '.join(CHECKSUM_MODES)}, not {checksum!r}")
+
+
+def _device_state(filters: list[_Filter]) -> _State | None:
+    for flt in filters:
+        if flt.state is not None:
+            return flt.state
+    return None
+
+
+def _in_place(filters: list[_Filter], want: _State) -> bool:
+    """True when exactly the filters of `want` are installed with `want` as their state."""
+    roles = sorted(f.role for f in filters)
+    if want.datapath == "mirror":
+        expected = ["dhcp4", "dhcp4", "dhcp6", "mirror"]
+    else:
+        expected = ["bpf"]
+    return roles == expected and all(
+        f.state == want and f.target == want.peer for f in filters if f.role in ("mirror", "bpf")
+    )
+
+
+def _restore_device(ns: NetNS, netns: str, dev: Link, state: _State | None) -> dict[str, Any]:
+    """Undo what `state` says netaccel did to `dev`; remove our filters in any case."""
+    done: dict[str, Any] = {"device": dev.name, "removed_filters": False,
+                            "removed_qdisc": False, "features_on": []}
+    ours, foreign = _read_filters(ns, dev.index)
+    if ours:
+        _remove_filters(ns, dev.index)
+        done["removed_filters"] = True
+    if state is None:
+        return done
+    if state.features_off:
+        _set_features(netns, dev.name, state.features_off, True)
+        done["features_on"] = list(state.features_off)
+    if state.created_qdisc and _qdisc_kind(ns, dev.index) is not None:
+        if foreign:  # someone else put filters on the qdisc we made: leave it to them
+            done["kept_qdisc_for_prios"] = foreign
+        else:
+            ns.tc("del", index=dev.index, handle=0xFFFF0000, parent=0xFFFFFFF1)
+            done["removed_qdisc"] = True
+    return done
+
+
+def accelerate(netns: str, interface: str = "eth0", datapath: str = "mirror",
+               checksum: str = "off") -> dict[str, Any]:
+    """Redirect tap <-> veth around the bridge (DHCP excepted); return the new status.
+
+    Idempotent: when the requested setup is already in place nothing is touched. Filters
+    left by an earlier run (e.g. before a crash) are adopted: their in-kernel state keeps
+    the original qdisc and offload facts, so `restore` still returns the exact original.
+    """
+    _validate(datapath, checksum)
+    with _netns(netns) as ns:
+        devs = _find(ns, netns, interface)  # VmShapeError before any change
+        pairs = ((devs.tap, devs.veth), (devs.veth, devs.tap))
+        features = _checksum_features(netns, [devs.tap.name, devs.veth.name])
+        plans: list[tuple[Link, Link, _State, _State | None, list[_Filter]]] = []
+        for dev, peer in pairs:
+            filters, _ = _read_filters(ns, dev.index)
+            old = _device_state(filters)
+            qdisc = _qdisc_kind(ns, dev.index)
+            created = old.created_qdisc if old else qdisc is None
+            off = set(old.features_off) if old else set()
+            if checksum == "off":
+                off |= {n for n, f in features[dev.name].items() if f["on"] and f["changeable"]}
+            else:
+                off = set()
+            want = _State(datapath, checksum, created or qdisc is None,
+                          tuple(n for n in CHECKSUM_FEATURES if n in off), peer.index)
+            plans.append((dev, peer, want, old, filters))
+
+        todo = [p for p in plans if not _device_done(p, features)]
+        if todo:
+            try:
+                with contextlib.ExitStack() as stack:
+                    fds = stack.enter_context(_bpf_programs(devs)) if datapath == "bpf" else {}
+                    for dev, peer, want, old, filters in todo:
+                        fd = fds.get("tap" if dev == devs.tap else "veth")
+                        _apply_device(ns, netns, dev, peer, want, old, filters, fd)
+            except BaseException as exc:
+                # Fail open: take everything of ours off both devices, then report.
+                for dev, _, want, old, _ in plans:
+                    with contextlib.suppress(Exception):
+                        _restore_device(ns, netns, dev, _merge_for_rollback(want, old))
+                if isinstance(exc, (NetlinkError, OSError)):
+                    raise VmDatapathError(
+                        f"netns {netns}: accelerate ({datapath}) failed and was rolled back "
+                        f"(traffic is on the bridge): {exc}"
+                    ) from exc
+                raise
+        return _status(ns, netns, interface, devs)
+
+
+def _device_done(plan: tuple[Link, Link, _State, _State | None, list[_Filter]],
+                 features: dict[str, dict[str, dict[str, bool]]]) -> bool:
+    dev, _, want, old, filters = plan
+    if old != want or not _in_place(filters, want):
+        return False
+    if want.checksum == "off":
+        feats = features[dev.name]
+        return not any(f["on"] and f["changeable"] for f in feats.values())
+    return True
+
+
+def _merge_for_rollback(want: _State, old: _State | None) -> _State:
+    """The state to undo after a failure: everything `want` could have changed."""
+    return want if old is None else _State(
+        want.datapath, want.checksum, old.created_qdisc or want.created_qdisc,
+        tuple(n for n in CHECKSUM_FEATURES if n in set(want.features_off) | set(old.features_off)),
+        want.peer,
+    )
+
+
+def _apply_device(ns: NetNS, netns: str, dev: Link, peer: Link, want: _State,
+                  old: _State | None, filters: list[_Filter], bpf_fd: int | None) -> None:
+    if _qdisc_kind(ns, dev.index) is None:
+        ns.tc("add", "clsact", index=dev.index)
+    # Replace our filters (if any). Between the delete and the add the bridge carries the
+    # traffic, which is the normal path, so the gap is harmless.
+    if filters:
+        _remove_filters(ns, dev.index)
+    if want.datapath == "mirror":
+        _install_mirror(ns, dev, peer, want)
+    else:
+        assert bpf_fd is not None
+        _install_bpf(ns, dev, bpf_fd, want)
+    # Offloads last: the state saying what to turn back on is in the kernel first.
+    turn_on = tuple(n for n in (old.features_off if old else ()) if n not in want.features_off)
+    _set_features(netns, dev.name, turn_on, True)
+    _set_features(netns, dev.name, want.features_off, False)
+
+
+def restore(netns: str, interface: str = "eth0") -> None:
+    """Return the tap and veth to their exact state before `accelerate` (no-op if none)."""
+    with _netns(netns) as ns:
+        try:
+            devs = _find(ns, netns, interface)
+            links = [devs.tap, devs.veth]
+        except VmShapeError:
+            # The shape changed (e.g. the tap is gone): clean our filters wherever they are.
+            links = [Link(lk.get_attr("IFLA_IFNAME"), lk["index"], _kind(lk))
+                     for lk in ns.get_links()]
+        for dev in links:
+            filters, _ = _read_filters(ns, dev.index)
+            if filters:
+                _restore_device(ns, netns, dev, _device_state(filters))
+
+
+def status(netns: str, interface: str = "eth0") -> dict[str, Any]:
+    """Devices, datapath in place, filters with counters per direction, offload state."""
+    with _netns(netns) as ns:
+        return _status(ns, netns, interface, _find(ns, netns, interface))
+
+
+def _status(ns: NetNS, netns: str, interface: str, devs: Devices) -> dict[str, Any]:
+    sides = {"tap": (devs.tap, "tap_to_veth"), "veth": (devs.veth, "veth_to_tap")}
+    features = _checksum_features(netns, [devs.tap.name, devs.veth.name])
+    filters_out: list[dict[str, Any]] = []
+    directions: dict[str, dict[str, int | None]] = {
+        "tap_to_veth": {"packets": None, "bytes": None},
+        "veth_to_tap": {"packets": None, "bytes": None},
+        "dhcp_passed": {"packets": None, "bytes": None},
+    }
+    datapaths: set[str] = set()
+    states: dict[str, dict[str, Any] | None] = {}
+    foreign_prios: dict[str, list[int]] = {}
+    bpf_counted: set[int] = set()
+    for side, (dev, direction) in sides.items():
+        filters, foreign = _read_filters(ns, dev.index)
+        state = _device_state(filters)
+        states[dev.name] = None if state is None else {
+            "datapath": state.datapath, "checksum": state.checksum,
+            "created_qdisc": state.created_qdisc, "features_off": list(state.features_off),
+        }
+        if state is not None:
+            datapaths.add(state.datapath)
+        for flt in filters:
+            filters_out.append({
+                "device": dev.name, "direction": direction, "role": flt.role, "kind": flt.kind,
+                "prio": flt.prio, "protocol": f"0x{flt.protocol:04x}", "packets": flt.packets,
+                "bytes": flt.bytes, "redirect_to": flt.target, "prog_id": flt.prog_id,
+                "cookie": flt.cookie.hex() if flt.cookie else None,
+            })
+            if flt.role == "mirror":
+                directions[direction] = {"packets": flt.packets, "bytes": flt.bytes}
+            elif flt.role in ("dhcp4", "dhcp6") and flt.packets is not None:
+                d = directions["dhcp_passed"]
+                d["packets"] = (d["packets"] or 0) + flt.packets
+            elif flt.role == "bpf" and flt.prog_id and flt.prog_id not in bpf_counted:
+                bpf_counted.add(flt.prog_id)
+                with contextlib.suppress(OSError):
+                    counts = _bpf_counters(flt.prog_id)
+                    mine = counts.get(direction)
+                    if mine:
+                        directions[direction] = mine
+                    passed = counts.get(f"{side}_to_bridge")
+                    if passed:
+                        d = directions["dhcp_passed"]
+                        d["packets"] = (d["packets"] or 0) + passed["packets"]
+                        d["bytes"] = (d["bytes"] or 0) + passed["bytes"]
+        if foreign:
+            foreign_prios[dev.name] = foreign
+    datapath = None if not datapaths else datapaths.pop() if len(datapaths) == 1 else "mixed"
+    return {
+        "netns": netns,
+        "interface": interface,
+        "devices": devs.as_dict(),
+        "datapath": datapath,
+        "directions": directions,
+        "filters": filters_out,
+        "qdiscs": {d.name: _qdisc_kind(ns, d.index) for d in (devs.tap, devs.veth)},
+        "state": states,
+        "foreign_prios": foreign_prios,
+        "offload": {name: {f: v["on"] for f, v in feats.items()}
+                    for name, feats in features.items()},
+    }
