@@ -33,6 +33,7 @@ GUEST_OFF = (("csum", "off"), ("tso4", "off"), ("tso6", "off"), ("ecn", "off"), 
 _TAG_NAME = re.compile(rb"<([^\s/>]+)")
 _ATTR = re.compile(rb"\s+([^\s=/>]+)\s*=\s*(?:\"([^\"]*)\"|'([^']*)')")
 _TAG_END = re.compile(rb"\s*(/?)>")
+_WHOLE_TAG = re.compile(rb"<[^\s/>]+(?:\s+[^\s=/>]+\s*=\s*(?:\"[^\"]*\"|'[^']*'))*\s*(/?)>")
 _XML_DECL_ENC = re.compile(rb"^(?:\xef\xbb\xbf)?<\?xml[^>]*?encoding\s*=\s*[\"']([^\"']+)")
 
 
@@ -158,10 +159,12 @@ def _parse(data: bytes) -> _Parsed:
         if not collect:
             return
         pos = parser.CurrentByteIndex
-        tag = _Tag(data, pos)
-        node = _Node(name, attrs, pos, tag.end)
-        if tag.self_closing:
-            node.end = tag.end
+        tag = _WHOLE_TAG.match(data, pos)
+        if tag is None:  # cannot happen: expat reported a start tag here
+            raise HookInputError(f"domain XML: cannot read the tag at byte {pos}")
+        node = _Node(name, attrs, pos, tag.end())
+        if tag.group(1):
+            node.end = tag.end()
         if stack:
             stack[-1].children.append(node)
         elif name == "interface":
