@@ -102,7 +102,7 @@ def test_pod_outside_the_set_is_not_bypassed(testbed: Testbed, bypass: Bypass,
         _bulk(cl, srv, 5 * 1024 * 1024)
     d = delta(before_c, bypass.counters())
     assert d["inserted"] == 0 and d["redirected_msgs"] == 0
-    assert d["skipped_not_in_set"] == 2
+    assert d["skipped_not_in_set"] >= 2  # a node-wide counter: other sockets count too
     assert veth_packets(testbed, p0, p2) - before_v > 100  # 5 MB in TSO segments
 
 

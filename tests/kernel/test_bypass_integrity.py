@@ -1,0 +1,274 @@
+"""Byte-stream integrity through the bypass: the first-message race, many concurrent
+connections, turning the bypass off mid-stream, and the enabling process dying."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from node_helper import sockets
+from node_helper.testbed import Pod, Testbed
+
+from .conftest import (
+    FAMILIES,
+    Bypass,
+    client_socket,
+    connected_pair,
+    delta,
+    listen,
+    next_port,
+    target,
+)
+
+pytestmark = pytest.mark.kernel
+HEADER = struct.Struct("!cII")  # op, size, seed
+MAX_SIZE = 256 * 1024
+
+
+def _payload(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """E: echo as it arrives; U: read all, answer sha256; D: send the seeded payload."""
+    try:
+        op, size, seed = HEADER.unpack(await reader.readexactly(HEADER.size))
+        if op == b"E":
+            left = size
+            while left:
+                chunk = await reader.read(min(left, 65536))
+                if not chunk:
+                    raise ConnectionError("echo: early EOF")
+                writer.write(chunk)
+                await writer.drain()
+                left -= len(chunk)
+        elif op == b"U":
+            writer.write(hashlib.sha256(await reader.readexactly(size)).digest())
+        else:
+            writer.write(_payload(seed, size))
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+async def _send_in_pieces(sock: socket.socket, data: bytes, seed: int) -> None:
+    """Several sendmsg calls back to back: the ones after a miss must not overtake it."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(seed)
+    cuts = sorted({0, len(data), *(rng.randint(1, len(data)) for _ in range(rng.randint(1, 4)))})
+    for a, b in itertools.pairwise(cuts):
+        await loop.sock_sendall(sock, data[a:b])
+
+
+async def _client(sock: socket.socket, addr: tuple[str, int], op: bytes, size: int,
+                  seed: int) -> bool:
+    """Connect and send at once; True when every byte that came back is right."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, addr)
+    data = _payload(seed, size) if op != b"D" else b""
+    # The first message goes out right after connect: the window where the passive side may
+    # not be in the sockhash yet.
+    sending = loop.create_task(_send_in_pieces(sock, HEADER.pack(op, size, seed) + data, seed))
+    want = {b"E": size, b"U": 32, b"D": size}[op]
+    got = bytearray()
+    while len(got) < want:
+        chunk = await loop.sock_recv(sock, 1 << 17)
+        if not chunk:
+            break
+        got += chunk
+    await sending
+    sock.close()
+    if op == b"E":
+        return bytes(got) == data
+    if op == b"U":
+        return bytes(got) == hashlib.sha256(data).digest()
+    return bytes(got) == _payload(seed, size)
+
+
+async def _many(src: Pod, dst: Pod, plan: list[tuple[str, bool, bytes, int, int]]) -> list[bool]:
+    """Run every (family, defer_accept, op, size, seed) connection at once."""
+    servers, ports = [], {}
+    for family in FAMILIES:
+        for defer in (False, True):
+            port = next_port()
+
+            def setup(s: socket.socket, defer: bool = defer) -> None:
+                if defer:  # the child exists only once data arrived: the first message
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)  # must miss
+            ls = listen(dst, family, port, backlog=2048, setup=setup)
+            ls.setblocking(False)
+            servers.append(await asyncio.start_server(_serve, sock=ls, backlog=2048))
+            ports[family, defer] = port
+    try:
+        jobs = []
+        for family, defer, op, size, seed in plan:
+            sock = client_socket(src, family)
+            sock.setblocking(False)
+            jobs.append(_client(sock, target(dst, family, ports[family, defer]), op, size, seed))
+        return await asyncio.wait_for(asyncio.gather(*jobs), 120)
+    finally:
+        for srv in servers:
+            srv.close()
+
+
+def test_many_connections_send_immediately(testbed: Testbed, bypass: Bypass) -> None:
+    """600 connections, 1 B..256 KiB, echo / upload / download, over all three families;
+    a quarter through TCP_DEFER_ACCEPT listeners, where the client's first message always
+    misses its peer and that direction must stay on TCP. Every byte is checked."""
+    rng = random.Random(1234)
+    plan = []
+    for i in range(600):
+        defer = i % 4 == 3
+        op = [b"E", b"U", b"D"][i % 3] if not defer else [b"E", b"U"][i % 2]
+        size = rng.choice([1, 2, 7, 100, 1460, 4096, 65536, MAX_SIZE, rng.randint(1, MAX_SIZE)])
+        plan.append((FAMILIES[(i // 4) % 3], defer, op, size, rng.getrandbits(32)))
+    bypass.on()
+    before = bypass.counters()
+    results = asyncio.run(_many(testbed.pods[0], testbed.pods[1], plan))
+    d = delta(before, bypass.counters())
+    bad = [p[:4] for p, ok in zip(plan, results, strict=True) if not ok]
+    assert bad == [], f"{len(bad)} connections with wrong bytes: {bad[:10]}"
+    n_defer = sum(1 for p in plan if p[1])
+    assert d["inserted"] >= 2 * 600 * 0.9, d
+    assert d["redirected_msgs"] > 600, d
+    # Every deferred connection's client direction missed once and then stayed on TCP.
+    assert d["fallback_dirs"] >= n_defer, d
+    assert d["insert_errors"] == 0 and d["no_state"] == 0, d
+
+
+# --- turning it off mid-stream ---------------------------------------------------------------
+
+PERIOD = 251  # a prime period: a lost, duplicated or reordered chunk cannot line up again
+PATTERN = bytes(range(PERIOD)) * (2 + (1 << 17) // PERIOD)
+
+
+def _pattern(offset: int, length: int) -> bytes:
+    start = offset % PERIOD
+    return PATTERN[start:start + length]
+
+
+class Stream:
+    """One direction: a sender thread writes the pattern until told to stop, then SHUT_WR; a
+    receiver thread checks every byte in order."""
+
+    def __init__(self, tx: socket.socket, rx: socket.socket, seed: int) -> None:
+        self.tx, self.rx, self.rng = tx, rx, random.Random(seed)
+        self.sent = self.received = 0
+        self.error: str | None = None
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send), threading.Thread(target=self._recv)]
+
+    def start(self) -> None:
+        for th in self.threads:
+            th.start()
+
+    def _send(self) -> None:
+        try:
+            while not self.stop.is_set():
+                n = self.rng.choice([1, 100, 1460, 4096, 65536, self.rng.randint(1, 1 << 17)])
+                self.tx.sendall(_pattern(self.sent, n))
+                self.sent += n
+            self.tx.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.error = f"send: {exc}"
+
+    def _recv(self) -> None:
+        try:
+            while True:
+                chunk = self.rx.recv(1 << 17)
+                if not chunk:
+                    return
+                if chunk != _pattern(self.received, len(chunk)):
+                    self.error = f"wrong bytes at offset {self.received}"
+                    return
+                self.received += len(chunk)
+        except OSError as exc:
+            self.error = f"recv: {exc}"
+
+    def join(self, timeout: float) -> None:
+        for th in self.threads:
+            th.join(timeout)
+            assert not th.is_alive(), "stream stalled"
+
+
+def test_disable_while_streams_run(testbed: Testbed, bypass: Bypass) -> None:
+    p0, p1 = testbed.pods[:2]
+    bypass.on()
+    pairs, streams = [], []
+    try:
+        for i, family in enumerate(FAMILIES * 2):
+            ctx = connected_pair(p0, p1, family)
+            cl, srv = ctx.__enter__()
+            pairs.append(ctx)
+            for s in (cl, srv):
+                s.settimeout(30)
+            streams += [Stream(cl, srv, 2 * i), Stream(srv, cl, 2 * i + 1)]
+        for st in streams:
+            st.start()
+        time.sleep(0.4)
+        at_disable = bypass.counters()
+        sockets.disable()
+        sent_at_disable = sum(st.sent for st in streams)
+        time.sleep(0.4)
+        for st in streams:
+            st.stop.set()
+        for st in streams:
+            st.join(30)
+    finally:
+        for st in streams:
+            st.stop.set()
+        for ctx in pairs:
+            ctx.__exit__(None, None, None)
+    assert at_disable["redirected_bytes"] > 1_000_000  # it was really bypassing
+    assert sum(st.sent for st in streams) > sent_at_disable  # and kept going without it
+    for st in streams:
+        assert st.error is None, st.error
+        assert st.received == st.sent
+
+
+# --- the enabling process dies ----------------------------------------------------------------
+
+def test_kill9_of_the_enabler_leaves_traffic_flowing(testbed: Testbed, bypass: Bypass) -> None:
+    p0, p1 = testbed.pods[:2]
+    cidrs = [f"{p0.ipv4}/32", f"{p1.ipv4}/32", f"{p0.ipv6}/128", f"{p1.ipv6}/128"]
+    code = ("import sys, time; from node_helper import sockets; "
+            f"sockets.enable({cidrs!r}); print('ready', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parents[2])
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with connected_pair(p0, p1, "v4mapped") as (old_cl, old_srv):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            assert sockets.status()["enabled"]
+            before = bypass.counters()
+            with connected_pair(p0, p1, "ipv6") as (cl, srv):
+                # Both directions of the pair made before the kill and of one made after.
+                streams = [Stream(a, b, i) for i, (a, b) in enumerate(
+                    ((old_cl, old_srv), (old_srv, old_cl), (cl, srv), (srv, cl)))]
+                for st in streams:
+                    st.start()
+                time.sleep(0.3)
+                for st in streams:
+                    st.stop.set()
+                for st in streams:
+                    st.join(30)
+                    assert st.error is None and st.received == st.sent > 0
+            d = delta(before, bypass.counters())
+            assert d["inserted"] == 2 and d["redirected_bytes"] > 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
