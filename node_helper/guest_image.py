@@ -175,8 +175,21 @@ exit 0
 # --- public entry point ----------------------------------------------------
 
 
+_built: dict[Path, GuestImage] = {}
+
+
 def build_guest_image(cache_dir: Path = CACHE_DIR) -> GuestImage:
-    """Return the cached guest kernel and initramfs, fetching/building what is missing."""
+    """Return the cached guest kernel and initramfs, fetching/building what is missing.
+
+    Checked once per process (about 0.7 s: it reads and hashes the image's inputs)."""
+    known = _built.get(cache_dir)
+    if known and known.kernel.exists() and known.initramfs.exists():
+        return known
+    _built[cache_dir] = image = _build_guest_image(cache_dir)
+    return image
+
+
+def _build_guest_image(cache_dir: Path) -> GuestImage:
     kernel_dir = ensure_guest_kernel(cache_dir)
     modules = _module_load_order(kernel_dir / "modules", ROOT_MODULES)
     binaries = _guest_binaries()

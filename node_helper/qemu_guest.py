@@ -125,10 +125,12 @@ def _libvirt_answers() -> bool:
 
 
 def _running(comm: str) -> bool:
+    """Is a live (not zombie) process named `comm` running?"""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == comm:
+            with contextlib.suppress(OSError, IndexError):
+                name, _, rest = (entry / "stat").read_text().partition(" (")[2].rpartition(") ")
+                if name == comm and rest.split()[0] != "Z":
                     return True
     return False
 
@@ -206,6 +208,11 @@ def ensure_libvirtd(timeout: float = 30.0) -> None:
         for exe in ("libvirtd", "virtlogd", "qemu-system-x86_64"):
             if shutil.which(exe) is None and not Path("/usr/sbin", exe).exists():
                 raise LibvirtSetupError(f"libvirtd set-up: {exe} not found. {hint_pkg}")
+        if os.stat("/proc/thread-self/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
+            raise LibvirtSetupError(
+                "libvirtd set-up: refusing to start libvirtd from inside a network namespace "
+                "(it would live there); call ensure_libvirtd() from the host namespace"
+            )
         _step("directories", "Check that / is writable.", lambda: [
             Path(d).mkdir(parents=True, exist_ok=True)
             for d in ("/var/log/libvirt/qemu", "/var/run/libvirt", "/var/lib/libvirt/qemu")
