@@ -71,3 +71,21 @@ def test_cleanup_stale_after_crash(launcher_netns: str, guest_image,  # noqa: AN
         if proc.poll() is None:
             proc.kill()
         cleanup_stale(crashed)
+
+
+def test_failed_start_leaves_nothing(launcher_netns: str, guest_image,  # noqa: ANN001
+                                     unique_name: str) -> None:
+    ns, name = launcher_netns, unique_name
+    good = kubevirt_domain_xml(name, image=guest_image)
+    with pytest.raises(ValueError, match="no bridge"):
+        start_guest(name, ns, "k6t-missing", good)
+    with pytest.raises(ValueError, match="target dev 'tap7'"):
+        start_guest(name, ns, BRIDGE, good, tap="tap7")
+    # libvirt itself refuses this one (unknown NIC model), after the host tap was made.
+    bad = good.replace(b'type="virtio-non-transitional"', b'type="no-such-model"')
+    with pytest.raises(Exception, match="no-such-model"):
+        start_guest(name, ns, BRIDGE, bad)
+    assert name not in domain_names()
+    with IPRoute() as ip:
+        assert not ip.link_lookup(ifname=host_tap_name(name))
+    assert is_claimed(name)  # the fixture's claim is not dropped by start_guest's failure
