@@ -1,0 +1,527 @@
+"""The VM datapath (node_helper/vm_mirror.py) on the real kernel, with the testbed's VMs.
+
+How "the bridge forwards nothing" is measured: a Linux bridge learns the source MAC of
+every frame it receives on a port (br_fdb_update), whether it forwards, floods or delivers
+it locally, and the bridge's own netdev counters do not count forwarded frames at all. So
+after the datapath is on we flush the bridge's learned (dynamic) FDB entries, run traffic,
+and check that k6t-eth0 learned neither the guest's nor the pod's MAC: with the redirect in
+place no frame of the flow entered the bridge. With the datapath off, both MACs are learned
+again, i.e. the bridge carries the flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute, NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
+from node_helper import testbed as testbed_mod
+from node_helper import vm_mirror
+from node_helper.kernel import in_netns
+from node_helper.testbed import Testbed, write_sysctl
+from node_helper.vm_mirror import VmDatapathError, VmShapeError
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
+
+DATAPATHS = ("mirror", "bpf")
+BRIDGE_IP = "169.254.75.10"  # where the testbed (like virt-launcher) puts the DHCP server
+NUD_PERMANENT, NUD_NOARP = 0x80, 0x40
+NTF_MASTER = 0x04
+
+
+@pytest.fixture
+def bed() -> Iterator[Testbed]:
+    with Testbed.create(pods=1, vms=1) as tb:
+        yield tb
+
+
+# --- snapshots ---------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A netlink message as plain data, without counters, timestamps and headers."""
+    if hasattr(value, "get") and "attrs" in value:
+        out = {k: _plain(v) for k, v in value.items()
+               if k not in ("attrs", "header", "event", "value")}
+        for name, attr in value["attrs"]:
+            if "STATS" in name or name in ("TCA_MIRRED_TM", "UNKNOWN", "TCA_U32_PCNT"):
+                continue
+            out.setdefault(name, []).append(_plain(attr))
+        return out
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k not in ("header",)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def snapshot(netns: str) -> dict[str, Any]:
+    """Every link's qdiscs, tc filters (both hooks) and ethtool features, plus our cookies."""
+    snap: dict[str, Any] = {}
+    with NetNS(netns) as ns:
+        links = {lk["index"]: lk.get_attr("IFLA_IFNAME") for lk in ns.get_links()}
+        for index, name in sorted(links.items()):
+            qdiscs = [_plain(q) for q in ns.get_qdiscs(index=index) if q["index"] == index]
+            filters = []
+            for parent in (0xFFFFFFF2, 0xFFFFFFF3):
+                with contextlib.suppress(NetlinkError):
+                    filters += [_plain(f) for f in ns.get_filters(index=index, parent=parent)]
+            snap[name] = {"qdiscs": qdiscs, "filters": filters}
+    with in_netns(netns):
+        from pyroute2.ethtool import Ethtool
+
+        et = Ethtool()
+        try:
+            for name in snap:
+                if name == "lo":
+                    continue
+                feats = et.get_features(name).features
+                snap[name]["features"] = {k: (f.enable, f.available) for k, f in feats.items()}
+        finally:
+            et.close()
+    with contextlib.suppress(VmShapeError):  # cookies/names: not decoded by pyroute2 itself
+        snap["netaccel"] = [
+            (f["device"], f["role"], f["cookie"], f["redirect_to"])
+            for f in vm_mirror.status(netns)["filters"]
+        ]
+    return snap
+
+
+# --- traffic -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def udp_echo(netns: str, addr: str, port: int) -> Iterator[None]:
+    with in_netns(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((addr, port))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                data, peer = sock.recvfrom(65535)
+                sock.sendto(data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+def udp_roundtrips(netns: str, dst: tuple[str, int], count: int = 50) -> int:
+    """Send `count` datagrams and return how many came back."""
+    with in_netns(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(1)
+    got = 0
+    try:
+        for i in range(count):
+            payload = f"ping {i}".encode() * 20
+            sock.sendto(payload, dst)
+            with contextlib.suppress(TimeoutError):
+                if sock.recv(65535) == payload:
+                    got += 1
+    finally:
+        sock.close()
+    return got
+
+
+def tcp_echo_roundtrip(client_ns: str, server_ns: str, addr: str, port: int,
+                       size: int = 1 << 20) -> None:
+    """Send `size` bytes over TCP from client_ns to an echo server in server_ns and back."""
+    with in_netns(server_ns):
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((addr, port))
+    ls.listen(1)
+    ls.settimeout(10)
+
+    def serve() -> None:
+        conn, _ = ls.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with in_netns(client_ns):
+        cl = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        cl.settimeout(10)
+        cl.connect((addr, port))
+        payload = bytes(range(256)) * (size // 256)
+        sender = threading.Thread(target=cl.sendall, args=(payload,), daemon=True)
+        sender.start()
+        received = bytearray()
+        while len(received) < len(payload):
+            chunk = cl.recv(65536)
+            assert chunk, "connection closed early"
+            received += chunk
+        sender.join()
+        assert bytes(received) == payload
+    finally:
+        cl.close()
+        thread.join(timeout=10)
+        ls.close()
+
+
+def mac_of(netns: str, ifname: str) -> str:
+    with NetNS(netns) as ns:
+        return ns.get_links(ns.link_lookup(ifname=ifname)[0])[0].get_attr("IFLA_ADDRESS")
+
+
+def learned_macs(netns: str, bridge: str = "k6t-eth0") -> set[str]:
+    """MACs the bridge learned on its ports (dynamic FDB entries)."""
+    with NetNS(netns) as ns:
+        br = ns.link_lookup(ifname=bridge)[0]
+        ports = {lk["index"] for lk in ns.get_links() if lk.get_attr("IFLA_MASTER") == br}
+        return {
+            e.get_attr("NDA_LLADDR") for e in ns.fdb("dump")
+            if e["ifindex"] in ports and not e["state"] & (NUD_PERMANENT | NUD_NOARP)
+        }
+
+
+def flush_learned(netns: str, bridge: str = "k6t-eth0") -> None:
+    with NetNS(netns) as ns:
+        br = ns.link_lookup(ifname=bridge)[0]
+        ports = {lk["index"] for lk in ns.get_links() if lk.get_attr("IFLA_MASTER") == br}
+        for e in ns.fdb("dump"):
+            if e["ifindex"] in ports and not e["state"] & (NUD_PERMANENT | NUD_NOARP):
+                ns.fdb("del", ifindex=e["ifindex"], lladdr=e.get_attr("NDA_LLADDR"),
+                       flags=NTF_MASTER)
+    assert learned_macs(netns, bridge) == set()
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_standin_alias_matches_testbed() -> None:
+    assert vm_mirror.TAP_STANDIN_ALIAS == testbed_mod.TAP_STANDIN_ALIAS
+
+
+def test_find_devices(bed: Testbed) -> None:
+    devs = vm_mirror.find_devices(bed.vms[0].launcher_netns)
+    assert (devs.bridge.name, devs.tap.name, devs.veth.name) == ("k6t-eth0", "tap0", "eth0-nic")
+    assert devs.tap.kind == "veth" and devs.bridge.kind == "bridge"
+    assert devs.tap.index != devs.veth.index
+
+
+@pytest.mark.parametrize(("interface", "bridge"), [
+    ("eth0", "k6t-eth0"), ("pod1a2b3c4d5e6", "k6t-1a2b3c4d5e6"), ("net1", "k6t-net1"),
+])
+def test_bridge_names(interface: str, bridge: str) -> None:
+    assert vm_mirror.bridge_name(interface) == bridge
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_flow_bypasses_bridge_then_bridge_again(bed: Testbed, datapath: str) -> None:
+    vm, pod = bed.vms[0], bed.pods[0]
+    ns = vm.launcher_netns
+    macs = {mac_of(vm.guest_netns, "eth0"), mac_of(pod.netns, "eth0")}
+    with udp_echo(pod.netns, pod.ipv4, 7001):
+        assert udp_roundtrips(vm.guest_netns, (pod.ipv4, 7001), 5) == 5  # warm ARP
+
+        st = vm_mirror.accelerate(ns, datapath=datapath)
+        assert st["datapath"] == datapath
+        flush_learned(ns)
+        before = vm_mirror.status(ns)["directions"]
+        assert udp_roundtrips(vm.guest_netns, (pod.ipv4, 7001), 50) == 50
+        tcp_echo_roundtrip(vm.guest_netns, pod.netns, pod.ipv4, 7002)
+        after = vm_mirror.status(ns)["directions"]
+        for direction in ("tap_to_veth", "veth_to_tap"):
+            assert after[direction]["packets"] - before[direction]["packets"] >= 50, direction
+        assert learned_macs(ns) & macs == set(), "the bridge saw frames of the flow"
+
+        vm_mirror.restore(ns)
+        assert vm_mirror.status(ns)["datapath"] is None
+        flush_learned(ns)
+        assert udp_roundtrips(vm.guest_netns, (pod.ipv4, 7001), 20) == 20
+        tcp_echo_roundtrip(vm.guest_netns, pod.netns, pod.ipv4, 7003, size=1 << 16)
+        assert macs <= learned_macs(ns), "the bridge did not carry the flow after restore"
+
+
+def _bridge_listener(ns: str, addr: str, port: int) -> socket.socket:
+    with in_netns(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"k6t-eth0")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr, port))
+    sock.settimeout(1)
+    return sock
+
+
+def _received(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.recv(2048)
+    except TimeoutError:
+        return None
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_dhcp_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
+    vm = bed.vms[0]
+    ns, guest = vm.launcher_netns, vm.guest_netns
+    # The guest's test datagrams carry the VM's IP, which the launcher also holds (on the
+    # placeholder eth0); without accept_local the launcher would drop them as martians.
+    # A real DHCP DISCOVER comes from 0.0.0.0 and needs no such thing.
+    write_sysctl(ns, "net/ipv4/conf/k6t-eth0/accept_local", "1")
+    # Unicast to the bridge address without ARP (ARP from the guest is redirected too).
+    with NetNS(guest) as gns:
+        eth0 = gns.link_lookup(ifname="eth0")[0]
+        gns.route("add", dst=f"{BRIDGE_IP}/32", oif=eth0, scope=253)
+        gns.neigh("add", dst=BRIDGE_IP, lladdr=mac_of(ns, "k6t-eth0"), ifindex=eth0,
+                  state=NUD_PERMANENT)
+    vm_mirror.accelerate(ns, datapath=datapath)
+    unicast = _bridge_listener(ns, BRIDGE_IP, 67)
+    broadcast = _bridge_listener(ns, "0.0.0.0", 67)  # what a DHCP server binds
+    other = _bridge_listener(ns, BRIDGE_IP, 9999)
+    with in_netns(guest):
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+        client.bind(("0.0.0.0", 68))
+        before = vm_mirror.status(ns)["directions"]["tap_to_veth"]["packets"]
+        client.sendto(b"dhcp-unicast", (BRIDGE_IP, 67))
+        assert _received(unicast) == b"dhcp-unicast"
+        client.sendto(b"dhcp-broadcast", ("255.255.255.255", 67))
+        assert _received(broadcast) == b"dhcp-broadcast"
+        client.sendto(b"not-dhcp", (BRIDGE_IP, 9999))
+        assert _received(other) is None, "a non-DHCP datagram reached the bridge"
+        st = vm_mirror.status(ns)
+        assert st["directions"]["tap_to_veth"]["packets"] - before >= 1
+        if datapath == "bpf":  # the mirror's u32 keeps no per-filter counters on this kernel
+            assert st["directions"]["dhcp_passed"]["packets"] >= 2
+    finally:
+        for sock in (client, unicast, broadcast, other):
+            sock.close()
+    vm_mirror.restore(ns)
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_dhcpv6_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
+    vm = bed.vms[0]
+    ns, guest = vm.launcher_netns, vm.guest_netns
+    vm_mirror.accelerate(ns, datapath=datapath)
+    with in_netns(ns):
+        server = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        other = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        br = socket.if_nametoindex("k6t-eth0")
+    with in_netns(guest):
+        client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        g_eth0 = socket.if_nametoindex("eth0")
+    try:
+        group = socket.inet_pton(socket.AF_INET6, "ff02::1:2") + br.to_bytes(4, sys.byteorder)
+        for sock, port in ((server, 547), (other, 9547)):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"k6t-eth0")
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, group)
+            sock.bind(("::", port))
+            sock.settimeout(1)
+        client.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, g_eth0)
+        client.sendto(b"solicit", ("ff02::1:2", 547, 0, g_eth0))
+        assert _received(server) == b"solicit"
+        client.sendto(b"not-dhcpv6", ("ff02::1:2", 9547, 0, g_eth0))
+        assert _received(other) is None, "a non-DHCPv6 datagram reached the bridge"
+    finally:
+        for sock in (client, server, other):
+            sock.close()
+    vm_mirror.restore(ns)
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_restore_is_exact_and_apply_idempotent(bed: Testbed, datapath: str) -> None:
+    ns = bed.vms[0].launcher_netns
+    original = snapshot(ns)
+    vm_mirror.accelerate(ns, datapath=datapath)
+    first = snapshot(ns)
+    assert first != original
+    st = vm_mirror.accelerate(ns, datapath=datapath)
+    assert snapshot(ns) == first, "a second apply changed something"
+    assert len(st["filters"]) == (8 if datapath == "mirror" else 2)
+    off = st["offload"]
+    assert not any(off["tap0"].values()) and not any(off["eth0-nic"].values())
+    vm_mirror.restore(ns)
+    assert snapshot(ns) == original
+    vm_mirror.restore(ns)  # restoring twice is a no-op
+    assert snapshot(ns) == original
+
+
+def test_restore_keeps_what_was_there_before(bed: Testbed) -> None:
+    """A pre-existing clsact with someone's filter and a feature already off stay as they were."""
+    ns = bed.vms[0].launcher_netns
+    with NetNS(ns) as ipr:
+        tap = ipr.link_lookup(ifname="tap0")[0]
+        ipr.tc("add", "clsact", index=tap)
+        ipr.tc("add-filter", "u32", index=tap, parent=0xFFFFFFF2, prio=10, protocol=0x0800,
+               target=0xFFFF0010, keys=["0xc0000201/0xffffffff+16"])  # dst 192.0.2.1
+    with in_netns(ns):
+        from pyroute2.ethtool import Ethtool
+
+        et = Ethtool()
+        feats = et.get_features("eth0-nic")
+        feats.features["tx-checksum-ip-generic"].enable = False
+        et.set_features("eth0-nic", feats)
+        et.close()
+    original = snapshot(ns)
+    st = vm_mirror.accelerate(ns, datapath="mirror")
+    assert st["state"]["tap0"]["created_qdisc"] is False
+    assert st["state"]["eth0-nic"]["created_qdisc"] is True
+    assert "tx-checksum-ip-generic" not in st["state"]["eth0-nic"]["features_off"]
+    assert st["foreign_prios"] == {"tap0": [10]}
+    vm_mirror.restore(ns)
+    assert snapshot(ns) == original
+
+
+def test_switch_datapath_and_checksum(bed: Testbed) -> None:
+    vm, pod = bed.vms[0], bed.pods[0]
+    ns = vm.launcher_netns
+    original = snapshot(ns)
+    with udp_echo(pod.netns, pod.ipv4, 7010):
+        for datapath, checksum in (("mirror", "off"), ("bpf", "off"), ("bpf", "keep"),
+                                   ("mirror", "keep"), ("mirror", "off")):
+            st = vm_mirror.accelerate(ns, datapath=datapath, checksum=checksum)
+            assert st["datapath"] == datapath
+            roles = sorted(f["role"] for f in st["filters"])
+            assert roles == (["dhcp4"] * 4 + ["dhcp6"] * 2 + ["mirror"] * 2
+                             if datapath == "mirror" else ["bpf", "bpf"])
+            tap_off = st["offload"]["tap0"]
+            assert (not any(tap_off.values())) == (checksum == "off")
+            if checksum == "keep":
+                assert st["offload"] == {k: {f: v for f, v in d.items()}
+                                         for k, d in _offload(original).items()}
+            assert udp_roundtrips(vm.guest_netns, (pod.ipv4, 7010), 10) == 10
+    vm_mirror.restore(ns)
+    assert snapshot(ns) == original
+
+
+def _offload(snap: dict[str, Any]) -> dict[str, dict[str, bool]]:
+    return {dev: {f: snap[dev]["features"][f][0] for f in vm_mirror.CHECKSUM_FEATURES
+                  if f in snap[dev]["features"]} for dev in ("tap0", "eth0-nic")}
+
+
+def test_adopts_after_a_crash(bed: Testbed) -> None:
+    """Another process (the agent before its crash) applied; this one adopts and restores."""
+    ns = bed.vms[0].launcher_netns
+    original = snapshot(ns)
+    code = ("import sys; from node_helper import vm_mirror; "
+            "vm_mirror.accelerate(sys.argv[1]); import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, ns], check=True, timeout=30)
+    applied = snapshot(ns)
+    assert applied != original
+    st = vm_mirror.accelerate(ns)  # adopt: nothing changes
+    assert st["datapath"] == "mirror"
+    assert snapshot(ns) == applied
+    vm_mirror.restore(ns)
+    assert snapshot(ns) == original
+
+
+def test_failure_midway_rolls_back(bed: Testbed, monkeypatch: pytest.MonkeyPatch) -> None:
+    ns = bed.vms[0].launcher_netns
+    original = snapshot(ns)
+    calls = {"n": 0}
+    real = vm_mirror._set_features
+
+    def flaky(netns: str, ifname: str, names: tuple[str, ...], on: bool) -> None:
+        calls["n"] += 1
+        if ifname == "eth0-nic" and not on and names:
+            raise NetlinkError(errno.EBUSY, "injected")
+        real(netns, ifname, names, on)
+
+    monkeypatch.setattr(vm_mirror, "_set_features", flaky)
+    with pytest.raises(VmDatapathError, match="rolled back"):
+        vm_mirror.accelerate(ns)
+    monkeypatch.undo()
+    assert snapshot(ns) == original
+
+
+def _only_a_veth(tb: Testbed) -> str:
+    return tb.pods[0].netns  # a pod: eth0 veth, no bridge
+
+
+def _bridge_without_tap(tb: Testbed) -> str:
+    ns = tb.vms[0].launcher_netns
+    with NetNS(ns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="tap0")[0], master=0)
+    return ns
+
+
+def _two_taps(tb: Testbed) -> str:
+    ns = tb.vms[0].launcher_netns
+    _add_real_tap(ns, "tap1")
+    return ns
+
+
+@pytest.mark.parametrize("make", [_only_a_veth, _bridge_without_tap, _two_taps])
+def test_not_kubevirt_shaped(bed: Testbed, make: Any) -> None:
+    ns = make(bed)
+    before = snapshot(ns)
+    for datapath in DATAPATHS:
+        with pytest.raises(VmShapeError) as err:
+            vm_mirror.accelerate(ns, datapath=datapath)
+        assert "k6t-eth0" in str(err.value)
+    assert snapshot(ns) == before
+
+
+def _add_real_tap(ns: str, name: str) -> None:
+    """A real tun/tap device (as QEMU would use) enslaved to k6t-eth0."""
+    with in_netns(ns):
+        ipr = IPRoute()
+        try:
+            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            idx = ipr.link_lookup(ifname=name)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname="k6t-eth0")[0],
+                     state="up")
+        finally:
+            ipr.close()
+
+
+def test_real_tap(bed: Testbed) -> None:
+    ns = bed.vms[0].launcher_netns
+    with NetNS(ns) as ipr:  # replace the veth stand-in by a real tap
+        ipr.link("del", index=ipr.link_lookup(ifname="tap0")[0])
+    _add_real_tap(ns, "tap0")
+    devs = vm_mirror.find_devices(ns)
+    assert devs.tap.name == "tap0" and devs.tap.kind == "tun"
+    original = snapshot(ns)
+    for datapath in DATAPATHS:
+        st = vm_mirror.accelerate(ns, datapath=datapath)
+        assert st["datapath"] == datapath
+        targets = {f["device"]: f["redirect_to"] for f in st["filters"]
+                   if f["role"] in ("mirror", "bpf")}
+        assert targets == {"tap0": devs.veth.index, "eth0-nic": devs.tap.index}
+        vm_mirror.restore(ns)
+        assert snapshot(ns) == original
+
+
+def test_bad_arguments(bed: Testbed) -> None:
+    ns = bed.vms[0].launcher_netns
+    with pytest.raises(ValueError, match="datapath"):
+        vm_mirror.accelerate(ns, datapath="xdp")
+    with pytest.raises(ValueError, match="checksum"):
+        vm_mirror.accelerate(ns, checksum="maybe")
+    with pytest.raises(VmShapeError, match="no-such-netns"):
+        vm_mirror.accelerate("no-such-netns")
+
+
+def test_setup_is_fast(bed: Testbed) -> None:
+    ns = bed.vms[0].launcher_netns
+    t0 = time.monotonic()
+    vm_mirror.accelerate(ns)
+    vm_mirror.restore(ns)
+    assert time.monotonic() - t0 < 5
