@@ -55,9 +55,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
             print(f"testbed {bed.number} is already up (`netaccel testbed down` first to rebuild)",
                   file=sys.stderr)
         else:
-            bed = testbed_mod.Testbed.create(pods=args.pods, vms=args.vms)
-            if args.guest == "qemu":
-                _start_qemu_guests(bed)
+            bed = testbed_mod.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest)
             print(f"testbed {bed.number} up: {len(bed.pods)} pods, {len(bed.vms)} VMs",
                   file=sys.stderr)
         print(bed.to_json())
@@ -84,10 +82,6 @@ def _down_one() -> list[int]:
     if numbers:
         testbed_mod.destroy_number(numbers[0])
     return numbers[:1]
-
-
-def _start_qemu_guests(bed: testbed_mod.Testbed) -> None:
-    raise NotImplementedError("--guest qemu is not wired yet")
 
 
 # --- bypass --------------------------------------------------------------------

@@ -10,6 +10,8 @@ Used by the tests, the demo and the benchmarks alike. One testbed is:
     VM guest    na<k>-vm<j>g  (netns guest) eth0 with the VM's IP 10.251.<k>.<100+j>; its peer in
                               the launcher is tap0, a veth standing in for QEMU's tap and marked
                               with the alias TAP_STANDIN_ALIAS.
+       or       netaccel-tb<k>-vm<j>  (QEMU guest) a libvirt domain on a real tap0, address by
+                              DHCP from dnsmasq on k6t-eth0 (server 10.251.<k>.<200+j>).
 
 Names and addresses derive from the testbed number <k>, so any process can find a testbed
 again from the namespaces alone (no state file). Everything lives in namespaces the testbed
@@ -26,8 +28,10 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +45,8 @@ from node_helper.kernel import CLONE_NEWNET, NETNS_DIR
 
 PREFIX = "na"
 TAP_STANDIN_ALIAS = "netaccel-testbed-tap"
+QEMU_DOMAIN_PREFIX = "netaccel-tb"
+GUEST_UDP_PORT = 7777  # QEMU guests send "netaccel-guest <ip>" here on pod0
 NODE_BRIDGE = "br0"
 _NS_RE = re.compile(rf"^{PREFIX}(\d+)-(node|pod(\d+)|vm(\d+)g?)$")
 
@@ -111,10 +117,19 @@ class Testbed:
 
     # --- life cycle -------------------------------------------------------
     @classmethod
-    def create(cls, pods: int = 2, vms: int = 0, number: int | None = None) -> Testbed:
-        """Build a new testbed; on any failure, remove what was built and re-raise."""
+    def create(cls, pods: int = 2, vms: int = 0, number: int | None = None,
+               guest: str = "netns") -> Testbed:
+        """Build a new testbed; on any failure, remove what was built and re-raise.
+
+        guest="netns": each VM's guest is a network namespace behind a veth standing in for
+        the tap (fast). guest="qemu": a real QEMU (TCG) VM started by libvirt from the hook
+        sidecar's edited domain XML, on a real tap0, taking its address by DHCP from dnsmasq
+        on k6t-eth0 (standing in for virt-launcher's DHCP server).
+        """
         if pods < 0 or vms < 0 or pods > 80 or vms > 80:
             raise TestbedError("pods and vms must each be between 0 and 80")
+        if guest not in ("netns", "qemu"):
+            raise TestbedError(f"guest must be 'netns' or 'qemu', not {guest!r}")
         taken = set(existing_numbers())
         if number is None:
             free = [n for n in range(1, 250) if n not in taken]
@@ -131,7 +146,10 @@ class Testbed:
             for i in range(pods):
                 bed._add_pod(i)
             for j in range(vms):
-                bed._add_vm(j)
+                if guest == "qemu":
+                    bed._add_qemu_vm(j)
+                else:
+                    bed._add_vm(j)
         except BaseException:
             bed.destroy()
             raise
@@ -157,13 +175,17 @@ class Testbed:
             elif m.group(4) is not None and not name.endswith("g"):
                 j = int(m.group(4))
                 guest = f"{name}g" if (NETNS_DIR / f"{name}g").exists() else None
-                bed.vms.append(bed._vm(j, guest, "netns" if guest else "qemu"))
+                vm = bed._vm(j, guest, "netns" if guest else "qemu")
+                if not guest:
+                    vm.extra = {"domain": bed.domain_name(j)}
+                bed.vms.append(vm)
         bed.pods.sort(key=lambda p: p.name)
         bed.vms.sort(key=lambda v: v.name)
         return bed
 
     def destroy(self) -> None:
-        """Remove every namespace of this testbed (and so every link in them)."""
+        """Remove every namespace of this testbed (and so every link in them), and its QEMU
+        guests."""
         destroy_number(self.number)
 
     def __enter__(self) -> Testbed:
@@ -212,11 +234,9 @@ class Testbed:
             ns.route("add", dst="default", gateway=gw6, family=10)
         self.pods.append(pod)
 
-    def _add_vm(self, j: int) -> None:
-        """A launcher netns in KubeVirt's bridge binding shape, and a netns guest behind tap0."""
-        vm = self._vm(j, f"{PREFIX}{self.number}-vm{j}g", "netns")
+    def _add_launcher(self, vm: Vm) -> None:
+        """The virt-launcher pod's netns in KubeVirt's bridge binding shape, without a tap."""
         _new_netns(vm.launcher_netns)
-        _new_netns(vm.guest_netns)
         self._veth_to_bridge(vm.host_veth, vm.launcher_netns, vm.veth)
         with NetNS(vm.launcher_netns) as ns:
             ns.link("add", ifname=vm.bridge, kind="bridge")
@@ -230,17 +250,57 @@ class Testbed:
             dummy = ns.link_lookup(ifname="eth0")[0]
             ns.addr("add", index=dummy, address=vm.ipv4, prefixlen=32)
             ns.link("set", index=dummy, state="up")
-            # The stand-in for QEMU's tap: a veth into the guest netns, marked as such.
+            ns.link("set", index=br, state="up")
+
+    def _add_vm(self, j: int) -> None:
+        """A launcher netns and a netns guest behind tap0 (a veth standing in for the tap)."""
+        vm = self._vm(j, f"{PREFIX}{self.number}-vm{j}g", "netns")
+        self._add_launcher(vm)
+        _new_netns(vm.guest_netns)
+        with NetNS(vm.launcher_netns) as ns:
+            br = ns.link_lookup(ifname=vm.bridge)[0]
             ns.link("add", ifname=vm.tap, kind="veth",
                     peer={"ifname": "eth0", "net_ns_fd": vm.guest_netns})
             tap = ns.link_lookup(ifname=vm.tap)[0]
             ns.link("set", index=tap, ifalias=TAP_STANDIN_ALIAS)
             ns.link("set", index=tap, master=br, state="up")
-            ns.link("set", index=br, state="up")
         with NetNS(vm.guest_netns) as ns:
             eth0 = ns.link_lookup(ifname="eth0")[0]
             ns.addr("add", index=eth0, address=vm.ipv4, prefixlen=24)
             ns.link("set", index=eth0, state="up")
+        self.vms.append(vm)
+
+    def domain_name(self, j: int) -> str:
+        return f"{QEMU_DOMAIN_PREFIX}{self.number}-vm{j}"
+
+    def _add_qemu_vm(self, j: int) -> None:
+        """A launcher netns, dnsmasq on k6t-eth0, and a QEMU guest on a real tap0.
+
+        The domain XML is KubeVirt-shaped and goes through the hook sidecar's edit (checksum
+        offload off, as the annotation-less default). The guest takes the VM's IP by DHCP,
+        sends `netaccel-guest <ip>` by UDP to GUEST_UDP_PORT on pod0 (when there is a pod)
+        and echoes UDP and TCP on port 7.
+        """
+        from hook_sidecar.domain import edit_domain
+        from node_helper import qemu_guest
+
+        vm = self._vm(j, None, "qemu")
+        self._add_launcher(vm)
+        gw4, _ = _addresses(self.number, 1)
+        server_ip, _ = _addresses(self.number, 200 + j)
+        qemu_guest.ensure_libvirtd()
+        dhcp = qemu_guest.DhcpServer(vm.launcher_netns, vm.bridge, vm.ipv4, vm.ipv4,
+                                     server_ip=server_ip, router=gw4)
+        dhcp.start()  # runs until the launcher netns is removed (destroy kills it there)
+        cmdline = f"netaccel.udp_target={self.pods[0].ipv4}:{GUEST_UDP_PORT}" if self.pods else ""
+        name = self.domain_name(j)
+        xml = qemu_guest.kubevirt_domain_xml(name, image=qemu_guest.build_guest_image(),
+                                             cmdline=cmdline)
+        xml = edit_domain(xml, json.dumps(_vmi_for(name)).encode())
+        guest = qemu_guest.start_guest(name, vm.launcher_netns, vm.bridge, xml)
+        qemu_guest.release(name)  # the testbed owns it, not this process
+        vm.extra = {"domain": name, "console_log": str(guest.console_log), "mac": guest.mac,
+                    "dhcp_log": str(dhcp.log_file)}
         self.vms.append(vm)
 
     def _veth_to_bridge(self, host_name: str, peer_netns: str, peer_name: str) -> None:
@@ -260,9 +320,7 @@ class Testbed:
             "ipv4_cidr": self.ipv4_cidr,
             "ipv6_cidr": self.ipv6_cidr,
             "pods": [asdict(p) for p in self.pods],
-            "vms": [
-                {k: v for k, v in asdict(vm).items() if k not in ("extra",)} for vm in self.vms
-            ],
+            "vms": [asdict(vm) for vm in self.vms],
         }
 
     def to_json(self) -> str:
@@ -282,16 +340,49 @@ def existing_numbers() -> list[int]:
 
 
 def destroy_number(number: int) -> None:
-    """Remove every namespace named for testbed `number` (ignores ones already gone)."""
+    """Remove testbed `number`: its QEMU guests, then every namespace named for it."""
+    _destroy_qemu_guests(number)
     for name in netns.listnetns():
         m = _NS_RE.match(name)
         if m and int(m.group(1)) == number:
             _remove_netns(name)
+    # dnsmasq's work dirs of the QEMU guests' DHCP servers
+    for workdir in Path(tempfile.gettempdir()).glob(f"netaccel-dhcp-{PREFIX}{number}-vm*"):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _destroy_qemu_guests(number: int) -> None:
+    """Destroy and undefine the testbed's libvirt domains (only if libvirt is in use)."""
+    if not Path("/var/run/libvirt/libvirt-sock").exists():
+        return
+    from node_helper import qemu_guest
+
+    prefix = f"{QEMU_DOMAIN_PREFIX}{number}-"
+    for name in qemu_guest.domain_names(prefix):
+        qemu_guest.release(name)
+    qemu_guest.cleanup_stale(prefix)
+
+
+def _vmi_for(domain_name: str) -> dict[str, Any]:
+    """The VMI a KubeVirt cluster would send the hook for a testbed VM (no annotations)."""
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": domain_name, "namespace": "testbed", "annotations": {}},
+        "spec": {"domain": {"devices": {"interfaces": [{"name": "default", "bridge": {}}]}}},
+    }
 
 
 def destroy_all() -> list[int]:
     """Remove every testbed on this machine; return their numbers."""
-    numbers = sorted({int(m.group(1)) for n in netns.listnetns() if (m := _NS_RE.match(n))})
+    numbers = {int(m.group(1)) for n in netns.listnetns() if (m := _NS_RE.match(n))}
+    if Path("/var/run/libvirt/libvirt-sock").exists():  # guests whose netns already went
+        from node_helper import qemu_guest
+
+        for name in qemu_guest.domain_names(QEMU_DOMAIN_PREFIX):
+            if m := re.match(rf"{QEMU_DOMAIN_PREFIX}(\d+)-", name):
+                numbers.add(int(m.group(1)))
+    numbers = sorted(numbers)
     for number in numbers:
         destroy_number(number)
     return numbers
