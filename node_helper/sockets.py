@@ -261,7 +261,7 @@ def _is_enabled(cgroup_fd: int) -> bool:
     try:
         with _closing(obj_get(PIN_DIR / "prog_ops")) as ops_fd:
             ops_id = prog_info(ops_fd)[0]
-        if ops_id not in prog_query(cgroup_fd, BPF_CGROUP_SOCK_OPS):
+        if _ours_on_cgroup(cgroup_fd) != [ops_id]:  # missing, or a crashed run's one as well
             return False
         with _closing(obj_get(PIN_DIR / "prog_msg")) as msg_fd, \
                 _closing(obj_get(PIN_DIR / "map_socks")) as socks_fd:
@@ -274,10 +274,10 @@ def _is_enabled(cgroup_fd: int) -> bool:
         return False
 
 
-def _cleanup(cgroup_fd: int) -> None:
+def _cleanup(cgroup_fd: int | None) -> None:
     """Detach and unpin everything of ours, whatever state it is in. Idempotent."""
     # 1. No new sockets enter the sockhash.
-    for prog_id in _ours_on_cgroup(cgroup_fd):
+    for prog_id in _ours_on_cgroup(cgroup_fd) if cgroup_fd is not None else []:
         with contextlib.suppress(OSError), _closing(prog_fd_by_id(prog_id)) as fd:
             prog_detach(cgroup_fd, fd, BPF_CGROUP_SOCK_OPS)
     # 2. Take the sk_msg program off the sockhash, then let the map go. Sockets still in it
@@ -322,8 +322,10 @@ def _cgroup_fd() -> Iterator[tuple[Path, int]]:
 def enable(cidrs: Sequence[str]) -> dict[str, Any]:
     """Bypass TCP between sockets whose two ends are both in `cidrs`; return status().
 
-    Already enabled: replace the accelerated set in place. Leftovers of a crashed run are
-    removed first. On failure nothing of ours stays attached or pinned.
+    Only connections established from now on are bypassed. Already enabled: replace the
+    accelerated set in place (connections already bypassed stay so until they close).
+    Leftovers of a crashed run are removed first. On failure nothing of ours stays attached
+    or pinned. Raises ValueError for bad CIDRs, KernelFeatureError for a missing feature.
     """
     nets = parse_cidrs(cidrs)
     with _locked(), _cgroup_fd() as (cg, cgfd):
@@ -342,8 +344,16 @@ def enable(cidrs: Sequence[str]) -> dict[str, Any]:
 
 def disable() -> None:
     """Detach and unpin everything of ours. Safe when nothing is enabled."""
-    with _locked(), _cgroup_fd() as (_, cgfd):
-        _cleanup(cgfd)
+    with _locked():
+        try:
+            cg = _cgroup_root()
+        except KernelFeatureError:  # no cgroup v2: nothing can be attached; just unpin
+            cg = None
+        if cg is None:
+            _cleanup(None)
+            return
+        with _closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
+            _cleanup(cgfd)
 
 
 def status() -> dict[str, Any]:

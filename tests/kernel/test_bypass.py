@@ -212,6 +212,8 @@ def test_no_cgroup2(bypass_clean: None, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(sockets, "_MOUNTINFO", fake)
     with pytest.raises(KernelFeatureError, match="cgroup v2"):
         sockets.enable(["10.251.1.10/32"])
+    sockets.disable()  # still safe
+    assert sockets.status()["enabled"] is False
     monkeypatch.undo()
     assert_nothing_of_ours()
 
