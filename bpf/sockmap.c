@@ -51,6 +51,12 @@
  *     closes (sock_map_close/unhash).  An sk_msg program cannot delete from
  *     a SOCKHASH (verifier: "cannot update sockmap in this context"), which
  *     is why a miss marks the sender instead of removing it.
+ *  5. Disable (user space): sock_ops is detached first (no new inserts), then
+ *     sk_msg from the sockhash, then everything is unpinned; when the map's
+ *     last reference goes, each remaining socket leaves the bypass, which is
+ *     the order-safe switch of rule 4.  Data already redirected but unread
+ *     stays readable (tests/kernel/test_bypass_integrity.py stops the bypass
+ *     under 12 running streams and checks every byte).
  *  On a miss we always return SK_PASS: returning the helper's SK_DROP would
  *  fail the sender's sendmsg with EPERM.
  */
