@@ -61,7 +61,7 @@ from pyroute2.netlink.rtnl import RTM_DELTFILTER, RTM_GETTFILTER, RTM_NEWTFILTER
 from pyroute2.netlink.rtnl.tcmsg import act_mirred, cls_u32, tcmsg
 from pyroute2.netlink.rtnl.tcmsg.common import stats2
 
-from node_helper.kernel import ensure_bcc_headers, import_bcc, in_netns
+from node_helper.kernel import NETNS_DIR, ensure_bcc_headers, import_bcc, in_netns
 
 # The alias node_helper.testbed puts on its veth stand-in for QEMU's tap (kept equal there;
 # the datapath does not import the testbed).
@@ -333,8 +333,10 @@ class _TcMsg(nlmsg):
 @contextlib.contextmanager
 def _netns(netns: str) -> Iterator[NetNS]:
     """A pyroute2 NetNS whose filter messages decode with the classes above."""
+    if not netns or "/" in netns or not (NETNS_DIR / netns).exists():
+        raise VmShapeError(f"network namespace {netns!r} does not exist ({NETNS_DIR})")
     try:
-        ns = NetNS(netns)
+        ns = NetNS(netns, flags=0)  # never create it (pyroute2's default is O_CREAT)
     except (OSError, NetlinkError) as exc:
         raise VmShapeError(f"cannot open network namespace {netns!r}: {exc}") from exc
     try:
