@@ -417,7 +417,7 @@ def _probe_sockhash() -> None:
     os.close(fd)
 
 
-def _compile() -> Any:
+def _compile() -> tuple[Any, Any, Any]:
     """Compile and load bpf/sockmap.c with bcc; return (bpf, ops fn, msg fn)."""
     kernel.ensure_bcc_headers(_MODULES_DIR)
     bcc = kernel.import_bcc()

@@ -3,6 +3,7 @@ bad input. Integrity and socket semantics live in test_bypass_integrity/_semanti
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -149,8 +150,6 @@ def test_status_from_another_process(testbed: Testbed, bypass: Bypass) -> None:
              "import json; from node_helper import sockets; print(json.dumps(sockets.status()))"],
             capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
         ).stdout
-    import json
-
     st = json.loads(out)
     for key in ("enabled", "sockets", "redirected_msgs", "redirected_bytes", "fallback_msgs",
                 "inserted", "cidrs", "cgroup", "pin_dir"):
