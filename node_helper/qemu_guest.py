@@ -578,12 +578,14 @@ def _destroy_domain(name: str) -> bool:
 
 
 def start_guest(name: str, netns: str, bridge: str, domain_xml: bytes,
-                tap: str = "tap0") -> QemuGuest:
+                tap: str = "tap0", paused: bool = False) -> QemuGuest:
     """Define and start `domain_xml` as `name` with its tap `tap` inside `netns` on `bridge`.
 
     The XML's unmanaged `<target dev=tap>` is pointed at a unique host-side tap for the start,
-    and the domain is forced to type "qemu" (TCG). The caller must stop() the guest (or use
-    it as a context manager); a failed start cleans up after itself."""
+    and the domain is forced to type "qemu" (TCG). With `paused`, QEMU starts with its vCPU
+    stopped (the tap is already in place): set up the datapath, then resume_guest(name).
+    The caller must stop() the guest (or use it as a context manager); a failed start cleans
+    up after itself."""
     if not (NETNS_DIR / netns).exists():
         raise ValueError(f"network namespace {netns!r} does not exist")
     with NetNS(netns) as ns:
@@ -614,7 +616,7 @@ def start_guest(name: str, netns: str, bridge: str, domain_xml: bytes,
         conn = _connect()
         try:
             dom = conn.defineXML(prepared.xml)
-            dom.create()
+            dom.createWithFlags(_libvirt().VIR_DOMAIN_START_PAUSED if paused else 0)
         finally:
             conn.close()
         guest.tap_index = _move_tap_into(host_tap, netns, tap, bridge)
@@ -623,6 +625,15 @@ def start_guest(name: str, netns: str, bridge: str, domain_xml: bytes,
             guest.stop(keep_files=False)
         raise
     return guest
+
+
+def resume_guest(name: str) -> None:
+    """Let a guest started with paused=True run."""
+    conn = _connect()
+    try:
+        conn.lookupByName(name).resume()
+    finally:
+        conn.close()
 
 
 def domain_names(prefix: str = "") -> list[str]:

@@ -118,13 +118,14 @@ class Testbed:
     # --- life cycle -------------------------------------------------------
     @classmethod
     def create(cls, pods: int = 2, vms: int = 0, number: int | None = None,
-               guest: str = "netns") -> Testbed:
+               guest: str = "netns", paused: bool = False) -> Testbed:
         """Build a new testbed; on any failure, remove what was built and re-raise.
 
         guest="netns": each VM's guest is a network namespace behind a veth standing in for
         the tap (fast). guest="qemu": a real QEMU (TCG) VM started by libvirt from the hook
         sidecar's edited domain XML, on a real tap0, taking its address by DHCP from dnsmasq
-        on k6t-eth0 (standing in for virt-launcher's DHCP server).
+        on k6t-eth0 (standing in for virt-launcher's DHCP server). With `paused`, QEMU guests
+        wait with stopped vCPUs until `resume_qemu_guests()` (to set up a datapath first).
         """
         if pods < 0 or vms < 0 or pods > 80 or vms > 80:
             raise TestbedError("pods and vms must each be between 0 and 80")
@@ -147,7 +148,7 @@ class Testbed:
                 bed._add_pod(i)
             for j in range(vms):
                 if guest == "qemu":
-                    bed._add_qemu_vm(j)
+                    bed._add_qemu_vm(j, paused)
                 else:
                     bed._add_vm(j)
         except BaseException:
@@ -273,7 +274,15 @@ class Testbed:
     def domain_name(self, j: int) -> str:
         return f"{QEMU_DOMAIN_PREFIX}{self.number}-vm{j}"
 
-    def _add_qemu_vm(self, j: int) -> None:
+    def resume_qemu_guests(self) -> None:
+        """Let QEMU guests created with paused=True boot."""
+        from node_helper import qemu_guest
+
+        for vm in self.vms:
+            if vm.guest_kind == "qemu":
+                qemu_guest.resume_guest(vm.extra["domain"])
+
+    def _add_qemu_vm(self, j: int, paused: bool = False) -> None:
         """A launcher netns, dnsmasq on k6t-eth0, and a QEMU guest on a real tap0.
 
         The domain XML is KubeVirt-shaped and goes through the hook sidecar's edit (checksum
@@ -297,7 +306,7 @@ class Testbed:
         xml = qemu_guest.kubevirt_domain_xml(name, image=qemu_guest.build_guest_image(),
                                              cmdline=cmdline)
         xml = edit_domain(xml, json.dumps(_vmi_for(name)).encode())
-        guest = qemu_guest.start_guest(name, vm.launcher_netns, vm.bridge, xml)
+        guest = qemu_guest.start_guest(name, vm.launcher_netns, vm.bridge, xml, paused=paused)
         qemu_guest.release(name)  # the testbed owns it, not this process
         vm.extra = {"domain": name, "console_log": str(guest.console_log), "mac": guest.mac,
                     "dhcp_log": str(dhcp.log_file)}
