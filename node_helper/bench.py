@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -151,9 +152,11 @@ def alternate(variants: Sequence[str], index: int) -> list[str]:
 
 
 def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
-               tests: Sequence[str] = ("tcp_lat", "tcp_bw"),
+               tests: Sequence[str] = ("tcp_lat", "tcp_bw"), rounds: int = 1,
                progress: ProgressFn = stderr_progress) -> list[Row]:
-    """qperf between two testbed pods: kernel path vs socket bypass, plus the AF_UNIX floor."""
+    """qperf between two testbed pods: kernel path vs socket bypass, plus the AF_UNIX floor.
+
+    With rounds > 1 every figure is the median of that many alternating measurements."""
     from node_helper import sockets
 
     sizes = list(sizes)
@@ -165,15 +168,19 @@ def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
         sockets.disable()
         try:
             for n, (test, size) in enumerate(points, 1):
-                figures: dict[str, float] = {}
-                for variant in alternate(("baseline", "accelerated"), n):
-                    if variant == "accelerated":
-                        sockets.enable(cidrs)
-                    else:
-                        sockets.disable()
-                    figures[variant] = run_qperf(client.netns, server.ipv4, test, size, seconds)
-                sockets.disable()
-                floor = run_unix_floor(test, size, seconds)
+                samples: dict[str, list[float]] = {"baseline": [], "accelerated": [], "floor": []}
+                for r in range(rounds):
+                    for variant in alternate(("baseline", "accelerated"), n + r):
+                        if variant == "accelerated":
+                            sockets.enable(cidrs)
+                        else:
+                            sockets.disable()
+                        samples[variant].append(
+                            run_qperf(client.netns, server.ipv4, test, size, seconds))
+                    sockets.disable()
+                    samples["floor"].append(run_unix_floor(test, size, seconds))
+                figures = {k: statistics.median(v) for k, v in samples.items()}
+                floor = figures["floor"]
                 row = Row(test, size, UNITS[test], figures["baseline"], figures["accelerated"],
                           floor, figures["accelerated"] / figures["baseline"])
                 rows.append(row)
@@ -195,9 +202,11 @@ _VM_SETTINGS = {
 
 def bench_vm(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
              tests: Sequence[str] = ("udp_lat", "udp_bw", "tcp_lat", "tcp_bw"),
-             variants: Sequence[str] = VM_VARIANTS,
+             variants: Sequence[str] = VM_VARIANTS, rounds: int = 1,
              progress: ProgressFn = stderr_progress) -> list[Row]:
-    """qperf from a testbed VM's guest to a pod: bridge vs each accelerated variant."""
+    """qperf from a testbed VM's guest to a pod: bridge vs each accelerated variant.
+
+    With rounds > 1 every figure is the median of that many alternating measurements."""
     from node_helper import vm_mirror
 
     sizes = list(sizes)
@@ -209,16 +218,19 @@ def bench_vm(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
         vm_mirror.restore(vm.launcher_netns)
         try:
             for n, (test, size) in enumerate(points, 1):
-                figures: dict[str, float] = {}
-                for variant in alternate(variants, n):
-                    if variant == "bridge":
-                        vm_mirror.restore(vm.launcher_netns)
-                    else:
-                        datapath, checksum = _VM_SETTINGS[variant]
-                        vm_mirror.accelerate(vm.launcher_netns, datapath=datapath,
-                                             checksum=checksum)
-                    figures[variant] = run_qperf(vm.guest_netns, server.ipv4, test, size, seconds)
-                vm_mirror.restore(vm.launcher_netns)
+                samples: dict[str, list[float]] = {v: [] for v in variants}
+                for r in range(rounds):
+                    for variant in alternate(variants, n + r):
+                        if variant == "bridge":
+                            vm_mirror.restore(vm.launcher_netns)
+                        else:
+                            datapath, checksum = _VM_SETTINGS[variant]
+                            vm_mirror.accelerate(vm.launcher_netns, datapath=datapath,
+                                                 checksum=checksum)
+                        samples[variant].append(
+                            run_qperf(vm.guest_netns, server.ipv4, test, size, seconds))
+                    vm_mirror.restore(vm.launcher_netns)
+                figures = {k: statistics.median(v) for k, v in samples.items()}
                 base = figures["bridge"]
                 for variant in variants:
                     if variant == "bridge":
@@ -272,20 +284,25 @@ def write_json(rows: Sequence[Row], path: Path | TextIO, meta: dict[str, Any]) -
         path.write(text + "\n")
 
 
-def plot(rows: Sequence[Row], path: Path, title: str) -> None:
-    """One panel per test: absolute figures against message size (log x), ratio in the label."""
+def plot(rows: Sequence[Row], path: Path, title: str,
+         baseline_label: str = "kernel path (baseline)") -> None:
+    """One panel per test: absolute figures against message size (log x), two per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tests = list(dict.fromkeys(r.test for r in rows))
-    fig, axes = plt.subplots(1, len(tests), figsize=(5.5 * len(tests), 4.2), squeeze=False)
-    for ax, test in zip(axes[0], tests, strict=True):
+    ncols = min(2, len(tests))
+    nrows = -(-len(tests) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(tests):]:
+        ax.set_visible(False)
+    for ax, test in zip(axes.flat, tests, strict=False):
         sel = [r for r in rows if r.test == test]
         sizes = sorted({r.msg_size for r in sel})
         first = {r.msg_size: r for r in sel}
-        ax.plot(sizes, [first[s].baseline for s in sizes], "o-", label="kernel path (baseline)")
+        ax.plot(sizes, [first[s].baseline for s in sizes], "o-", label=baseline_label)
         for variant in dict.fromkeys(r.variant for r in sel):
             pts = {r.msg_size: r for r in sel if r.variant == variant}
             ax.plot(sizes, [pts[s].accelerated for s in sizes], "s-",

@@ -93,6 +93,13 @@ def _valid_cidr(text: str) -> str:
         raise argparse.ArgumentTypeError(f"invalid CIDR {text!r}: {exc}") from None
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_bypass(args: argparse.Namespace) -> int:
     from node_helper import sockets
 
@@ -150,18 +157,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = bench.QUICK_SIZES if args.quick else bench.FULL_SIZES
     seconds = args.seconds or (2.0 if args.quick else 3.0)
     meta = bench.machine_meta() | {"bench": args.target, "seconds_per_point": seconds}
+    meta["rounds"] = args.rounds
     if args.target == "pods":
-        rows = bench.bench_pods(sizes, seconds)
+        rows = bench.bench_pods(sizes, seconds, rounds=args.rounds)
         title = "same-node pods: kernel TCP path vs socket bypass (qperf)"
+        baseline = "kernel TCP path (baseline)"
     else:
-        rows = bench.bench_vm(sizes, seconds)
+        rows = bench.bench_vm(sizes, seconds, rounds=args.rounds)
         title = "VM guest -> pod: in-pod bridge vs tc redirect variants (qperf)"
+        baseline = "in-pod bridge (baseline)"
     print(bench.format_table(rows))
     if args.json:
         bench.write_json(rows, Path(args.json), meta)
         print(f"JSON rows written to {args.json}", file=sys.stderr)
     if args.plot:
-        bench.plot(rows, Path(args.plot), title)
+        bench.plot(rows, Path(args.plot), title, baseline)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return EXIT_OK
 
@@ -205,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=["pods", "vm"])
     p.add_argument("--quick", action="store_true", help="64 B, 1 KiB, 16 KiB at 2 s a point")
     p.add_argument("--seconds", type=float, help="seconds per point (default 3, quick 2)")
+    p.add_argument("--rounds", type=_positive_int, default=1,
+                   help="alternating rounds per point; figures are their median (default 1)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     p.set_defaults(func=cmd_bench)
