@@ -49,22 +49,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_testbed(args: argparse.Namespace) -> int:
     if args.action == "up":
-        existing = testbed_mod.existing_numbers()
-        if existing:
-            bed = testbed_mod.Testbed.find(existing[0])
-            print(f"testbed {bed.number} is already up (`netaccel testbed down` first to rebuild)",
-                  file=sys.stderr)
-        else:
-            bed = testbed_mod.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest)
-            print(f"testbed {bed.number} up: {len(bed.pods)} pods, {len(bed.vms)} VMs",
-                  file=sys.stderr)
+        bed = testbed_mod.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest)
+        print(f"testbed {bed.number} up: {len(bed.pods)} pods, {len(bed.vms)} VMs "
+              f"({args.guest} guests)", file=sys.stderr)
         print(bed.to_json())
         return EXIT_OK
     if args.action == "down":
-        numbers = testbed_mod.destroy_all() if args.all else _down_one()
+        if args.all:
+            numbers = testbed_mod.destroy_all()
+        else:
+            numbers = [testbed_mod.Testbed.find(args.number).number]
+            testbed_mod.destroy_number(numbers[0])
         print(f"removed testbed(s): {numbers or 'none'}", file=sys.stderr)
         return EXIT_OK
-    bed = testbed_mod.Testbed.find()
+    bed = testbed_mod.Testbed.find(args.number)
     if args.json:
         print(bed.to_json())
     else:
@@ -75,13 +73,6 @@ def cmd_testbed(args: argparse.Namespace) -> int:
             print(f"  vm  {v.name:6s} launcher {v.launcher_netns:12s} guest "
                   f"{v.guest_netns or v.guest_kind:14s} {v.ipv4}")
     return EXIT_OK
-
-
-def _down_one() -> list[int]:
-    numbers = testbed_mod.existing_numbers()
-    if numbers:
-        testbed_mod.destroy_number(numbers[0])
-    return numbers[:1]
 
 
 # --- bypass --------------------------------------------------------------------
@@ -104,7 +95,7 @@ def cmd_bypass(args: argparse.Namespace) -> int:
     from node_helper import sockets
 
     if args.action == "on":
-        cidrs = args.cidr or testbed_mod.Testbed.find().pod_cidrs()
+        cidrs = args.cidr or testbed_mod.Testbed.find(args.testbed).pod_cidrs()
         status = sockets.enable(cidrs)
         print(f"socket bypass on for {', '.join(cidrs)}", file=sys.stderr)
         if args.json:
@@ -191,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pods", type=int, default=2)
     p.add_argument("--vms", type=int, default=0)
     p.add_argument("--guest", choices=["netns", "qemu"], default="netns")
+    p.add_argument("--number", type=int, help="status/down: which testbed (when several)")
     p.add_argument("--all", action="store_true", help="down: remove every testbed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_testbed)
@@ -199,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["on", "off", "status"])
     p.add_argument("--cidr", action="append", type=_valid_cidr,
                    help="accelerated prefix (repeatable); default: the testbed's pod addresses")
+    p.add_argument("--testbed", type=int, help="on: which testbed's pods (when several)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bypass)
 

@@ -158,12 +158,18 @@ class Testbed:
 
     @classmethod
     def find(cls, number: int | None = None) -> Testbed:
-        """Rebuild the description of an existing testbed from its namespaces."""
+        """Rebuild the description of an existing testbed from its namespaces (without a
+        number: the one testbed that is up)."""
         numbers = existing_numbers()
         if number is None:
             if not numbers:
                 raise TestbedError("no testbed is up: run `netaccel testbed up`")
-            number = min(numbers)
+            if len(numbers) > 1:
+                raise TestbedError(
+                    f"several testbeds are up ({', '.join(map(str, numbers))}): pick one with "
+                    "--number"
+                )
+            number = numbers[0]
         elif number not in numbers:
             raise TestbedError(f"testbed {number} is not up")
         bed = cls(number=number)

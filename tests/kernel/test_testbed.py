@@ -106,19 +106,31 @@ def test_cli_testbed_up_status_down() -> None:
     up = subprocess.run(NETACCEL + ["testbed", "up", "--pods", "3"], capture_output=True,
                         text=True, check=True)
     number = json.loads(up.stdout)["number"]
+    mine = ["--number", str(number)]
     try:
-        status = subprocess.run(NETACCEL + ["testbed", "status", "--json"], capture_output=True,
-                                text=True, check=True)
+        status = subprocess.run(NETACCEL + ["testbed", "status", "--json"] + mine,
+                                capture_output=True, text=True, check=True)
         data = json.loads(status.stdout)
+        assert data["number"] == number
         assert [p["name"] for p in data["pods"]] == ["pod0", "pod1", "pod2"]
         assert set(data["pods"][0]) >= {"name", "netns", "ipv4", "ipv6"}
         assert data["vms"] == []
     finally:
-        down = subprocess.run(NETACCEL + ["testbed", "down"], capture_output=True, text=True)
-    assert down.returncode == 0
+        down = subprocess.run(NETACCEL + ["testbed", "down"] + mine, capture_output=True,
+                              text=True)
+    assert down.returncode == 0, down.stderr
     assert _ours(number) == []
-    missing = subprocess.run(NETACCEL + ["testbed", "status"], capture_output=True, text=True)
-    assert missing.returncode == 1 and "no testbed is up" in missing.stderr
+    missing = subprocess.run(NETACCEL + ["testbed", "status"] + mine, capture_output=True,
+                             text=True)
+    assert missing.returncode == 1 and f"testbed {number} is not up" in missing.stderr
+
+
+def test_find_without_a_number_needs_exactly_one() -> None:
+    with Testbed.create(pods=0) as one, Testbed.create(pods=0) as two:
+        with pytest.raises(TestbedError, match="several testbeds are up"):
+            Testbed.find()
+        assert Testbed.find(two.number).number == two.number
+    assert one.number != two.number
 
 
 def test_cli_rejects_bad_input_with_exit_2() -> None:
