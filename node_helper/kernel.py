@@ -84,6 +84,18 @@ def in_netns(name: str) -> Iterator[None]:
                 raise OSError(ctypes.get_errno(), "setns back to the original namespace")
 
 
+def netns_argv(name: str, argv: list[str] | tuple[str, ...]) -> list[str]:
+    """`argv` prefixed to run inside the named network namespace (util-linux nsenter).
+
+    Not a preexec_fn with setns: Python code between fork and exec aborts in processes that
+    have loaded grpc (its fork handlers), and without a preexec_fn subprocess can vfork.
+    """
+    target = NETNS_DIR / name
+    if not target.exists():
+        raise FileNotFoundError(f"network namespace {name!r} does not exist ({target})")
+    return ["nsenter", f"--net={target}", "--", *argv]
+
+
 # --- bcc and kernel headers ------------------------------------------------
 
 HEADER_HINT = (

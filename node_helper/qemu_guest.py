@@ -28,7 +28,6 @@ an unmanaged tap on destroy, so nothing looks for the old name later.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import grp
 import hashlib
@@ -54,7 +53,7 @@ from pyroute2 import IPRoute, NetNS
 from pyroute2 import netns as pyroute2_netns
 
 from node_helper.guest_image import DEFAULT_CMDLINE, GuestImage, build_guest_image
-from node_helper.kernel import NETNS_DIR
+from node_helper.kernel import NETNS_DIR, netns_argv
 
 __all__ = [
     "DhcpServer",
@@ -735,19 +734,6 @@ class Lease:
     client_id: str
 
 
-def _enter_netns(netns: str) -> Callable[[], None]:
-    path = str(NETNS_DIR / netns)
-
-    def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(path, os.O_RDONLY)
-        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), f"setns {path}")
-        os.close(fd)
-
-    return preexec
-
-
 class DhcpServer:
     """dnsmasq serving DHCP on `bridge` inside `netns` (virt-launcher's DHCP stand-in).
 
@@ -819,7 +805,7 @@ class DhcpServer:
                 argv.append(f"--dhcp-option=option:router,{self.router}")
             with open(self.workdir / "stderr", "wb") as stderr:
                 self.proc = subprocess.Popen(
-                    argv, preexec_fn=_enter_netns(self.netns), stdin=subprocess.DEVNULL,
+                    netns_argv(self.netns, argv), stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=stderr,
                 )
             deadline = time.monotonic() + timeout

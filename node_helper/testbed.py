@@ -21,7 +21,6 @@ created; `destroy()` removes them all, and so does `destroy_all()` after a crash
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import json
@@ -41,7 +40,7 @@ from typing import Any
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_helper.kernel import CLONE_NEWNET, NETNS_DIR
+from node_helper.kernel import NETNS_DIR, netns_argv
 
 PREFIX = "na"
 TAP_STANDIN_ALIAS = "netaccel-testbed-tap"
@@ -444,23 +443,11 @@ def write_sysctl(netns_name: str, key: str, value: str) -> None:
         Path("/proc/sys", key).write_text(value)
 
 
-def _enter(netns_name: str):  # noqa: ANN202 - a preexec_fn
-    path = str(NETNS_DIR / netns_name).encode()
-
-    def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(path, os.O_RDONLY)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-
-    return preexec
-
-
 def popen_in(netns_name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
-    """Start `argv` inside a namespace (no shell, no `ip netns exec`)."""
+    """Start `argv` inside a namespace (no shell)."""
     if not (NETNS_DIR / netns_name).exists():
         raise TestbedError(f"network namespace {netns_name!r} does not exist")
-    return subprocess.Popen(list(argv), preexec_fn=_enter(netns_name), **kwargs)
+    return subprocess.Popen(netns_argv(netns_name, list(argv)), **kwargs)
 
 
 def run_in(netns_name: str, argv: Sequence[str], timeout: float = 120,
