@@ -4,14 +4,26 @@
  * every frame straight between a KubeVirt VM's tap and the pod's veth with bpf_redirect(),
  * skipping the in-pod bridge (k6t-<name>).
  *
- * Exception: DHCP (UDP dport 67/68) and DHCPv6 (UDP dport 546/547) must still reach the
- * bridge, where virt-launcher's DHCP server listens. For those we return TC_ACT_OK, which in
- * direct-action mode ends tc classification and lets the packet continue up the stack to
- * the bridge's rx_handler - the same effect as the u32 "classid, no action" filter of the
- * mirror variant.
+ * Exception: what is meant for the launcher itself must still reach the bridge:
+ *  - DHCP (UDP dport 67/68) and DHCPv6 (UDP dport 546/547): virt-launcher's DHCP server
+ *    listens on the bridge;
+ *  - frames whose Ethernet destination is the bridge's MAC (ARP replies to the launcher,
+ *    unicast DHCP renewals, anything addressed to the launcher);
+ *  - ARP whose target protocol address is a bridge IPv4 address, and ICMPv6 neighbour
+ *    solicitations whose target is a bridge IPv6 address (a guest renewing its lease by
+ *    unicast first resolves the server's address).
+ * For those we return TC_ACT_OK, which in direct-action mode ends tc classification and lets
+ * the packet continue up the stack to the bridge's rx_handler - the same effect as the u32
+ * "classid, no action" filters of the mirror variant. Both directions apply the same rules.
  *
- * Compiled by bcc at run time (node_helper/vm_mirror.py) with:
+ * Compiled by bcc at run time (node_helper/vm_mirror.py, _bpf_cflags) with:
  *   -DTAP_IFINDEX=<n> -DVETH_IFINDEX=<n>   the two bridge ports in the launcher netns
+ *   -DBRIDGE_HAS_MAC=0|1 -DBRIDGE_MAC_HI=<bytes 0-3> -DBRIDGE_MAC_LO=<bytes 4-5>
+ *                                          the bridge's MAC as host-order integers
+ *   -D'IS_BRIDGE_IP4(a)=(0||(a)==0x...U||...)'
+ *   -D'IS_BRIDGE_IP6(a,b,c,d)=(0||((a)==0x...U&&(b)==...&&(d)==...)||...)'
+ *                                          the bridge's addresses (host-order words)
+ * read when the program is built: a changed set needs a re-apply (which rebuilds it).
  * One object holds both directions, so they share one counters map, which user space finds
  * again after a restart through the program id in the tc filter dump (prog -> map ids).
  */
@@ -26,12 +38,26 @@
 #ifndef VETH_IFINDEX
 #error "VETH_IFINDEX must be defined"
 #endif
+#ifndef BRIDGE_HAS_MAC
+#define BRIDGE_HAS_MAC 0
+#define BRIDGE_MAC_HI 0
+#define BRIDGE_MAC_LO 0
+#endif
+#ifndef IS_BRIDGE_IP4
+#define IS_BRIDGE_IP4(a) 0
+#endif
+#ifndef IS_BRIDGE_IP6
+#define IS_BRIDGE_IP6(a, b, c, d) 0
+#endif
+
+#define NEXTHDR_ICMPV6 58
+#define ICMPV6_NEIGHBOUR_SOLICITATION 135
 
 /* Counter slots; keep in sync with COUNTER_SLOTS in node_helper/vm_mirror.py. */
 #define SLOT_TAP_TO_VETH 0   /* redirected tap -> veth */
 #define SLOT_VETH_TO_TAP 1   /* redirected veth -> tap */
-#define SLOT_TAP_TO_BRIDGE 2 /* DHCP from the guest, passed to the bridge */
-#define SLOT_VETH_TO_BRIDGE 3 /* DHCP from the pod side, passed to the bridge */
+#define SLOT_TAP_TO_BRIDGE 2 /* from the guest, passed to the bridge (DHCP, launcher) */
+#define SLOT_VETH_TO_BRIDGE 3 /* from the pod side, passed to the bridge (DHCP, launcher) */
 
 struct counter {
     u64 packets;
@@ -96,10 +122,48 @@ static __always_inline int is_dhcp(struct __sk_buff *skb)
     return dport == 546 || dport == 547;
 }
 
+/* Is the frame meant for the launcher itself (the bridge's own MAC or addresses)? */
+static __always_inline int for_launcher(struct __sk_buff *skb)
+{
+    if (BRIDGE_HAS_MAC) {
+        __be32 hi;
+        __be16 lo;
+
+        if (bpf_skb_load_bytes(skb, 0, &hi, 4) == 0 && bpf_skb_load_bytes(skb, 4, &lo, 2) == 0 &&
+            bpf_ntohl(hi) == BRIDGE_MAC_HI && bpf_ntohs(lo) == BRIDGE_MAC_LO)
+            return 1;
+    }
+    if (skb->protocol == bpf_htons(ETH_P_ARP)) {
+        __be16 ptype;
+        __be32 tpa;
+
+        /* Protocol type at 2, target protocol address at 24 of the ARP header. */
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 2, &ptype, 2) < 0 ||
+            ptype != bpf_htons(ETH_P_IP) ||
+            bpf_skb_load_bytes(skb, ETH_HLEN + 24, &tpa, 4) < 0)
+            return 0;
+        return IS_BRIDGE_IP4(bpf_ntohl(tpa));
+    }
+    if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        u8 nexthdr, type;
+        __be32 t[4];
+
+        /* A neighbour solicitation carries no extension headers: ICMPv6 follows directly,
+         * its target address at 8 of the ICMPv6 header. */
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &nexthdr, 1) < 0 || nexthdr != NEXTHDR_ICMPV6 ||
+            bpf_skb_load_bytes(skb, ETH_HLEN + 40, &type, 1) < 0 ||
+            type != ICMPV6_NEIGHBOUR_SOLICITATION ||
+            bpf_skb_load_bytes(skb, ETH_HLEN + 48, t, 16) < 0)
+            return 0;
+        return IS_BRIDGE_IP6(bpf_ntohl(t[0]), bpf_ntohl(t[1]), bpf_ntohl(t[2]), bpf_ntohl(t[3]));
+    }
+    return 0;
+}
+
 /* Attached to the tap's ingress: frames the guest sent. */
 int tap_to_veth(struct __sk_buff *skb)
 {
-    if (is_dhcp(skb)) {
+    if (for_launcher(skb) || is_dhcp(skb)) {
         count(SLOT_TAP_TO_BRIDGE, skb);
         return TC_ACT_OK;
     }
@@ -112,7 +176,7 @@ int tap_to_veth(struct __sk_buff *skb)
 /* Attached to the veth's ingress: frames from the pod network towards the guest. */
 int veth_to_tap(struct __sk_buff *skb)
 {
-    if (is_dhcp(skb)) {
+    if (for_launcher(skb) || is_dhcp(skb)) {
         count(SLOT_VETH_TO_BRIDGE, skb);
         return TC_ACT_OK;
     }

@@ -3,16 +3,37 @@
 In KubeVirt's bridge binding the launcher pod's netns holds a bridge `k6t-<name>` with two
 ports: the VM's tap (QEMU's virtio-net backend) and the renamed pod veth `<name>-nic`. This
 module installs tc ingress handling on both ports that redirects every frame to the other
-port's egress, skipping the bridge, except DHCP (UDP dport 67/68) and DHCPv6 (UDP dport
-546/547), which continue to the bridge where virt-launcher's DHCP server listens.
+port's egress, skipping the bridge, except what is meant for the launcher itself, which
+continues to the bridge (and so to the launcher's stack on it):
+- DHCP (UDP dport 67/68) and DHCPv6 (UDP dport 546/547): virt-launcher's DHCP server
+  listens on the bridge;
+- frames whose Ethernet destination is the bridge's MAC (ARP replies to the launcher,
+  unicast DHCP renewals to the server, anything else addressed to the launcher);
+- ARP whose target protocol address is one of the bridge's IPv4 addresses (a guest renewing
+  its lease by unicast first ARPs for the server's address), and ICMPv6 neighbour
+  solicitations whose target is one of the bridge's IPv6 addresses.
+These rules are narrow on purpose: ordinary guest <-> pod traffic never enters the bridge,
+so the bridge learns neither the guest's nor the pod's MAC from it. A frame that does enter
+the bridge is handled as without netaccel (delivered locally, flooded or forwarded).
+
+The same rules are installed on both ports (symmetry: a pod-side peer talking to one of the
+launcher's addresses, e.g. the DHCP server's 10.x address in the testbed, reaches it as it
+would through the bridge). The bridge's MAC and addresses are read when `accelerate` runs and
+written into the filters/program: addresses added (or a MAC changed) later need a re-apply.
+`accelerate` is idempotent and compares the installed rules with the bridge's current MAC and
+address set, so a re-apply updates them exactly when they differ.
 
 Two datapaths, same rule:
-- "mirror": u32 filters only (this kernel has no gact/flower/matchall). At priority
-  PRIO_DHCP4/PRIO_DHCP6 a u32 filter matches the DHCP ports with a classid and no action:
-  that ends classification "OK" and the packet goes on to the bridge. At PRIO_MIRROR a
-  match-all u32 filter with a mirred egress redirect takes everything else.
+- "mirror": u32 filters only (this kernel has no gact/flower/matchall). At priorities
+  PRIO_LAUNCHER_MAC..PRIO_DHCP6 u32 filters match the frames above with a classid and no
+  action: that ends classification "OK" and the frame goes on to the bridge. At PRIO_MIRROR
+  a match-all u32 filter with a mirred egress redirect takes everything else. The MAC rule
+  reads the Ethernet header through negative u32 offsets (relative to the network header,
+  like iproute2's `match ether dst`); the ARP/ND rules are one filter per address.
 - "bpf": one cls_bpf program in direct-action mode (bpf/tc_redirect.c, compiled with bcc)
-  at PRIO_BPF that returns TC_ACT_OK for DHCP and bpf_redirect() for the rest.
+  at PRIO_BPF that returns TC_ACT_OK for the same frames and bpf_redirect() for the rest.
+  The bridge's MAC and addresses are compiled in (-D macros); a digest of them is part of
+  the filter's name so a re-apply can tell whether they are still current.
 
 Optionally (checksum="off", the default) rx/tx checksum offload is turned off on both ports.
 
@@ -20,9 +41,10 @@ Where the restore state lives (in the kernel, no file): every device carries its
 16-byte record (`_State`) saying which datapath is in place, whether netaccel created the
 clsact qdisc, and which checksum features netaccel turned off (so restore turns back on
 exactly those). For "mirror" the record is the tc action cookie of the mirred action; for
-"bpf" it is the cls_bpf filter's name ("netaccel:<hex>"); cls_bpf in direct-action mode
-runs no actions, so it has no cookie. Our filters are also recognisable by their reserved
-priorities (PRIO_DHCP4..PRIO_BPF, 0x4e41.. = "NA") on the ingress hook.
+"bpf" it is the cls_bpf filter's name ("netaccel:<hex>[:<launcher digest>]"); cls_bpf in
+direct-action mode runs no actions, so it has no cookie. Our filters are also recognisable
+by their reserved priorities (PRIO_LAUNCHER_MAC..PRIO_BPF, 0x4e3e.. around "NA" = 0x4e41) on
+the ingress hook.
 
 Testbed convention: a veth bridge port whose IFLA_IFALIAS is TAP_STANDIN_ALIAS stands in for
 QEMU's tap (the testbed's netns guests); a real tun/tap port (kind "tun") is the real thing.
@@ -31,19 +53,20 @@ Failure handling is fail-open: if anything fails part-way through `accelerate`, 
 netaccel installed on the two devices is removed, so traffic takes the bridge again (for a
 re-apply this means the namespace ends up un-accelerated, never half-accelerated).
 """
-
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import hashlib
+import ipaddress
 import platform
 import re
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from socket import htons, ntohs
+from socket import AF_INET, AF_INET6, htons, ntohs
 from typing import Any
 
 from pyroute2 import NetNS
@@ -72,13 +95,23 @@ CHECKSUM_MODES = ("off", "keep")
 
 # tc layout: filters on the ingress hook of a clsact (or ingress) qdisc.
 TC_H_INGRESS_HOOK = 0xFFFFFFF2  # ffff:fff2, the ingress hook of both clsact and ingress
+PRIO_LAUNCHER_MAC = 0x4E3E  # u32, protocol all: Ethernet dst == bridge MAC -> classid only
+PRIO_LAUNCHER_ARP = 0x4E3F  # u32, protocol arp: target IP == a bridge IPv4 address (1/addr)
+PRIO_LAUNCHER_ND = 0x4E40  # u32, protocol ipv6: NS for a bridge IPv6 address (1/addr)
 PRIO_DHCP4 = 0x4E41  # u32, protocol ip: UDP dport 67 and 68 -> classid, no action
 PRIO_DHCP6 = 0x4E42  # u32, protocol ipv6: UDP dport 546/547 -> classid, no action
 PRIO_MIRROR = 0x4E43  # u32 match-all, protocol all, mirred egress redirect (+ cookie)
 PRIO_BPF = 0x4E44  # cls_bpf direct-action, protocol all (name carries the state)
-OUR_PRIOS = (PRIO_DHCP4, PRIO_DHCP6, PRIO_MIRROR, PRIO_BPF)
+OUR_PRIOS = (PRIO_LAUNCHER_MAC, PRIO_LAUNCHER_ARP, PRIO_LAUNCHER_ND, PRIO_DHCP4, PRIO_DHCP6,
+             PRIO_MIRROR, PRIO_BPF)
 CLASSID_PASS = 0xFFFF4E41  # "flowid ffff:4e41": meaningless on ingress, marks our filters
-ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
+ETH_P_ALL, ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0003, 0x0800, 0x0806, 0x86DD
+# Every prio of ours with its protocol (a tc prio holds one protocol), in delete order.
+_PRIO_PROTOCOLS = ((PRIO_MIRROR, ETH_P_ALL), (PRIO_BPF, ETH_P_ALL), (PRIO_DHCP6, ETH_P_IPV6),
+                   (PRIO_DHCP4, ETH_P_IP), (PRIO_LAUNCHER_ND, ETH_P_IPV6),
+                   (PRIO_LAUNCHER_ARP, ETH_P_ARP), (PRIO_LAUNCHER_MAC, ETH_P_ALL))
+_PASS_ROLES = {PRIO_LAUNCHER_MAC: "launcher_mac", PRIO_LAUNCHER_ARP: "launcher_arp",
+               PRIO_LAUNCHER_ND: "launcher_nd", PRIO_DHCP4: "dhcp4", PRIO_DHCP6: "dhcp6"}
 
 # Checksum offload features turned off with checksum="off" (ethtool names). Disabling the
 # tx checksums also makes the kernel drop TSO/GSO-dependent features; those come back by
@@ -197,6 +230,93 @@ def find_devices(netns: str, interface: str = "eth0") -> Devices:
         return _find(ns, netns, interface)
 
 
+@dataclass(frozen=True)
+class Launcher:
+    """What is meant for the launcher itself: the bridge's own MAC and addresses."""
+
+    mac: str | None  # "aa:bb:cc:dd:ee:ff", None if the bridge has none (all zero)
+    ipv4: tuple[str, ...]
+    ipv6: tuple[str, ...]
+
+    def digest(self) -> str:
+        """A short digest of the set, stored with the bpf filter to detect a changed set."""
+        text = "|".join([self.mac or "-", ",".join(self.ipv4), ",".join(self.ipv6)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mac": self.mac, "ipv4": list(self.ipv4), "ipv6": list(self.ipv6)}
+
+
+def _launcher(ns: NetNS, bridge: Link) -> Launcher:
+    """Read the bridge's MAC and addresses now (later changes need a re-apply)."""
+    mac = None
+    for lk in ns.get_links(bridge.index):
+        addr = (lk.get_attr("IFLA_ADDRESS") or "").lower()
+        if addr and addr.replace(":", "").strip("0"):
+            mac = addr
+    v4: set[ipaddress.IPv4Address] = set()
+    v6: set[ipaddress.IPv6Address] = set()
+    for msg in ns.get_addr(index=bridge.index):
+        if msg["index"] != bridge.index:
+            continue
+        if msg["family"] == AF_INET:
+            addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if addr:
+                v4.add(ipaddress.IPv4Address(addr))
+        elif msg["family"] == AF_INET6:
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr:
+                v6.add(ipaddress.IPv6Address(addr.split("%")[0]))
+    return Launcher(mac, tuple(str(a) for a in sorted(v4)), tuple(str(a) for a in sorted(v6)))
+
+
+# --- the pass rules (u32 keys) ---------------------------------------------------------------
+# A key is (value, mask, offset): a 32-bit word at `offset` bytes from the network header
+# (negative offsets reach the Ethernet header, which precedes it on ingress), compared under
+# `mask`. A rule is (prio, protocol, keys); all keys must match. u32 offsets assume no IP
+# options / extension headers: a miss only sends the frame the accelerated way.
+
+_Key = tuple[int, int, int]
+_Rule = tuple[int, int, tuple[_Key, ...]]
+
+
+def _pass_rules(launcher: Launcher) -> list[_Rule]:
+    """The u32 "continue to the bridge" rules of the mirror datapath, for both devices."""
+    rules: list[_Rule] = []
+    if launcher.mac:
+        mac = bytes.fromhex(launcher.mac.replace(":", ""))
+        # Ethernet destination: bytes 0-3 at -14, bytes 4-5 in the high half of the word at
+        # -10 (iproute2's `match ether dst`).
+        rules.append((PRIO_LAUNCHER_MAC, ETH_P_ALL, (
+            (int.from_bytes(mac[:4], "big"), 0xFFFFFFFF, -14),
+            (int.from_bytes(mac[4:], "big") << 16, 0xFFFF0000, -10),
+        )))
+    for ip in launcher.ipv4:
+        # ARP: protocol type (offset 2) IPv4, target protocol address at offset 24. Requests
+        # and (broadcast) replies alike; unicast replies to the launcher match the MAC rule.
+        rules.append((PRIO_LAUNCHER_ARP, ETH_P_ARP, (
+            (ETH_P_IP, 0x0000FFFF, 0),
+            (int(ipaddress.IPv4Address(ip)), 0xFFFFFFFF, 24),
+        )))
+    for ip in launcher.ipv6:
+        # Neighbour solicitation: next header (offset 6) ICMPv6, type (offset 40) 135, target
+        # address at offset 48.
+        packed = ipaddress.IPv6Address(ip).packed
+        rules.append((PRIO_LAUNCHER_ND, ETH_P_IPV6, (
+            (0x00003A00, 0x0000FF00, 4),
+            (0x87000000, 0xFF000000, 40),
+            *((int.from_bytes(packed[i:i + 4], "big"), 0xFFFFFFFF, 48 + i) for i in (0, 4, 8, 12)),
+        )))
+    for port in (67, 68):
+        # IPv4 protocol (offset 9) UDP, UDP dport at offset 22.
+        rules.append((PRIO_DHCP4, ETH_P_IP, ((0x00110000, 0x00FF0000, 8),
+                                             (port, 0x0000FFFF, 20))))
+    # IPv6: next header (offset 6) == UDP and dport (offset 42) 546 or 547 (0x222/0xfffe).
+    rules.append((PRIO_DHCP6, ETH_P_IPV6, ((0x00001100, 0x0000FF00, 4),
+                                           (0x00000222, 0x0000FFFE, 40))))
+    return rules
+
+
 # --- in-kernel state -----------------------------------------------------------------------
 
 _STATE_FMT = ">4sBBBBII"  # magic, version, datapath, flags, reserved, features off, peer
@@ -270,6 +390,43 @@ class _Actions(nla):
     action = _Action
 
 
+class _U32Sel(cls_u32.options.u32_sel):
+    """A u32 selector built from explicit (value, mask, offset) keys.
+
+    pyroute2's own encoder parses "value/mask+offset" strings into a byte table indexed by
+    offset, so it cannot express the negative offsets that reach the Ethernet header (and it
+    re-splits keys at byte boundaries); its decoder reads the keys 4 bytes too early (it
+    skips 16 bytes, the selector is 4 bytes of nla header plus 16 bytes of fields).
+    """
+
+    def decode(self) -> None:
+        nla.decode(self)
+        offset = self.offset + 20
+        keys = []
+        for _ in range(self["nkeys"]):
+            key = self.u32_key(data=self.data, offset=offset)
+            key.decode()
+            keys.append(key)
+            offset += 16
+        self["keys"] = keys
+
+    def encode(self) -> None:
+        keys = [(value & mask, mask, off) for value, mask, off in self["keys"]]
+        self["nkeys"] = len(keys)
+        self["flags"] = 1  # TC_U32_TERMINAL: a match ends classification
+        nla.encode(self)
+        offset = self.offset + 20  # 4 bytes nla header + 16 bytes selector fields
+        for value, mask, off in keys:
+            key = self.u32_key(data=self.data)
+            key["key_val"], key["key_mask"] = value, mask
+            key["key_off"], key["key_offmask"] = off, 0
+            key.offset = offset
+            key.encode()
+            offset += 16
+        self.length = offset - self.offset
+        struct.pack_into("H", self.data, self.offset, self.length)
+
+
 class _U32Options(nla):
     nla_map = (
         ("TCA_U32_UNSPEC", "none"),
@@ -285,7 +442,7 @@ class _U32Options(nla):
         ("TCA_U32_MARK", "hex"),
         ("TCA_U32_FLAGS", "uint32"),
     )
-    u32_sel = cls_u32.options.u32_sel
+    u32_sel = _U32Sel
     u32_pcnt = cls_u32.options.u32_pcnt
     actions = _Actions
 
@@ -385,13 +542,15 @@ class _Filter:
     prio: int
     protocol: int
     kind: str
-    role: str  # dhcp4, dhcp6, mirror, bpf, unknown
+    role: str  # launcher_mac, launcher_arp, launcher_nd, dhcp4, dhcp6, mirror, bpf, unknown
     packets: int | None = None
     bytes: int | None = None
     target: int | None = None  # mirred target ifindex
     prog_id: int | None = None
     state: _State | None = None
     cookie: bytes | None = None
+    keys: tuple[_Key, ...] = ()  # u32 pass filters: their (value, mask, offset) keys
+    digest: str | None = None  # bpf: Launcher.digest() the program was compiled with
 
 
 def _dump_filters(ns: NetNS, index: int) -> list[_TcMsg]:
@@ -421,8 +580,10 @@ def _read_filters(ns: NetNS, index: int) -> tuple[list[_Filter], list[int]]:
         if not opts or (kind == "u32" and opts.get_attr("TCA_U32_SEL") is None):
             continue  # the prio's head or u32's hash table, not a rule
         flt = _Filter(prio, protocol, kind, "unknown")
-        if kind == "u32" and prio in (PRIO_DHCP4, PRIO_DHCP6):
-            flt.role = "dhcp4" if prio == PRIO_DHCP4 else "dhcp6"
+        if kind == "u32" and prio in _PASS_ROLES:
+            flt.role = _PASS_ROLES[prio]
+            flt.keys = tuple((k["key_val"], k["key_mask"], k["key_off"])
+                             for k in opts.get_attr("TCA_U32_SEL")["keys"])
             pcnt = opts.get_attr("TCA_U32_PCNT")  # only with CONFIG_CLS_U32_PERF
             if pcnt is not None:
                 flt.packets = pcnt["rhit"]
@@ -442,8 +603,10 @@ def _read_filters(ns: NetNS, index: int) -> tuple[list[_Filter], list[int]]:
             flt.prog_id = opts.get_attr("TCA_BPF_ID")
             name = opts.get_attr("TCA_BPF_NAME") or ""
             if name.startswith(BPF_NAME_PREFIX):
+                state_hex, _, digest = name[len(BPF_NAME_PREFIX):].partition(":")
+                flt.digest = digest or None
                 with contextlib.suppress(ValueError):
-                    flt.cookie = bytes.fromhex(name[len(BPF_NAME_PREFIX):])
+                    flt.cookie = bytes.fromhex(state_hex)
                     flt.state = _State.decode(flt.cookie)
             if flt.state is not None:
                 flt.target = flt.state.peer
@@ -462,25 +625,23 @@ def _qdisc_kind(ns: NetNS, index: int) -> str | None:
 # --- filters per datapath ------------------------------------------------------------------
 
 
-def _install_mirror(ns: NetNS, dev: Link, peer: Link, state: _State) -> None:
-    """DHCP pass filters first, then the match-all redirect carrying the state cookie."""
-    udp4 = "0x00110000/0x00ff0000+8"  # IPv4 protocol (offset 9) == UDP
-    for port in (67, 68):
-        # UDP dport at offset 22: assumes no IP options. A false match only sends a packet
-        # over the bridge, which still forwards it, so the error is on the safe side.
-        _add_filter(ns, dev.index, PRIO_DHCP4, ETH_P_IP, "u32", [
+def _install_mirror(ns: NetNS, dev: Link, peer: Link, state: _State,
+                    launcher: Launcher) -> None:
+    """Pass filters first (launcher, DHCP), then the match-all redirect with the cookie.
+
+    A pass filter has a classid and no action: a match ends classification "OK" and the
+    frame continues to the bridge. A false match (e.g. IP options shifting the ports) only
+    sends a frame over the bridge, which still forwards it: the error is on the safe side.
+    """
+    for prio, protocol, keys in _pass_rules(launcher):
+        _add_filter(ns, dev.index, prio, protocol, "u32", [
             ["TCA_U32_CLASSID", CLASSID_PASS],
-            ["TCA_U32_SEL", {"keys": [udp4, f"0x{port:08x}/0x0000ffff+20"]}],
+            ["TCA_U32_SEL", {"keys": list(keys)}],
         ])
-    # IPv6: next header (offset 6) == UDP and dport (offset 42) 546 or 547 (0x222/0xfffe).
-    _add_filter(ns, dev.index, PRIO_DHCP6, ETH_P_IPV6, "u32", [
-        ["TCA_U32_CLASSID", CLASSID_PASS],
-        ["TCA_U32_SEL", {"keys": ["0x00001100/0x0000ff00+4", "0x00000222/0x0000fffe+40"]}],
-    ])
     redirect = {"direction": "egress", "action": "redirect", "ifindex": peer.index}
     _add_filter(ns, dev.index, PRIO_MIRROR, ETH_P_ALL, "u32", [
         ["TCA_U32_CLASSID", CLASSID_PASS],
-        ["TCA_U32_SEL", {"keys": ["0x0/0x0+0"]}],
+        ["TCA_U32_SEL", {"keys": [(0, 0, 0)]}],
         ["TCA_U32_ACT", {"attrs": [["TCA_ACT_PRIO_1", {"attrs": [
             ["TCA_ACT_KIND", "mirred"],
             ["TCA_ACT_OPTIONS", act_mirred.get_parameters(redirect)],
@@ -489,22 +650,43 @@ def _install_mirror(ns: NetNS, dev: Link, peer: Link, state: _State) -> None:
     ])
 
 
-def _install_bpf(ns: NetNS, dev: Link, fd: int, state: _State) -> None:
+def _install_bpf(ns: NetNS, dev: Link, fd: int, state: _State, launcher: Launcher) -> None:
     _add_filter(ns, dev.index, PRIO_BPF, ETH_P_ALL, "bpf", [
         ["TCA_BPF_FD", fd],
-        ["TCA_BPF_NAME", BPF_NAME_PREFIX + state.encode().hex()],
+        ["TCA_BPF_NAME", f"{BPF_NAME_PREFIX}{state.encode().hex()}:{launcher.digest()}"],
         ["TCA_BPF_FLAGS", 1],  # TCA_BPF_FLAG_ACT_DIRECT
     ])
 
 
 def _remove_filters(ns: NetNS, index: int) -> None:
-    for prio, proto in ((PRIO_MIRROR, ETH_P_ALL), (PRIO_BPF, ETH_P_ALL),
-                        (PRIO_DHCP6, ETH_P_IPV6), (PRIO_DHCP4, ETH_P_IP)):
+    # The redirect first, so no frame is redirected that a pass filter should have kept.
+    for prio, proto in _PRIO_PROTOCOLS:
         _del_prio(ns, index, prio, proto)
 
 
+def _bpf_cflags(devs: Devices, launcher: Launcher) -> list[str]:
+    """The -D macros bpf/tc_redirect.c expects (see its header comment)."""
+    mac = bytes.fromhex(launcher.mac.replace(":", "")) if launcher.mac else b""
+    v4 = [f"(a)==0x{int(ipaddress.IPv4Address(ip)):08x}U" for ip in launcher.ipv4]
+    v6 = []
+    for ip in launcher.ipv6:
+        packed = ipaddress.IPv6Address(ip).packed
+        words = [int.from_bytes(packed[i:i + 4], "big") for i in (0, 4, 8, 12)]
+        same = "&&".join(f"({w})==0x{x:08x}U" for w, x in zip("abcd", words, strict=True))
+        v6.append(f"({same})")
+    return [
+        f"-DTAP_IFINDEX={devs.tap.index}", f"-DVETH_IFINDEX={devs.veth.index}",
+        f"-DBRIDGE_HAS_MAC={1 if mac else 0}",
+        f"-DBRIDGE_MAC_HI=0x{int.from_bytes(mac[:4] or bytes(4), 'big'):08x}U",
+        f"-DBRIDGE_MAC_LO=0x{int.from_bytes(mac[4:] or bytes(2), 'big'):04x}U",
+        "-DIS_BRIDGE_IP4(a)=(" + "||".join(["0", *v4]) + ")",
+        "-DIS_BRIDGE_IP6(a,b,c,d)=(" + "||".join(["0", *v6]) + ")",
+        "-w",
+    ]
+
+
 @contextlib.contextmanager
-def _bpf_programs(devs: Devices) -> Iterator[dict[str, int]]:
+def _bpf_programs(devs: Devices, launcher: Launcher) -> Iterator[dict[str, int]]:
     """Compile bpf/tc_redirect.c for these devices; yield {"tap": fd, "veth": fd}.
 
     The fds are only needed until the filters hold the programs; the BPF object is then
@@ -512,7 +694,7 @@ def _bpf_programs(devs: Devices) -> Iterator[dict[str, int]]:
     """
     ensure_bcc_headers()
     bcc = import_bcc()
-    cflags = [f"-DTAP_IFINDEX={devs.tap.index}", f"-DVETH_IFINDEX={devs.veth.index}", "-w"]
+    cflags = _bpf_cflags(devs, launcher)
     prog = bcc.BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
     try:
         yield {
@@ -647,16 +829,18 @@ def _device_state(filters: list[_Filter]) -> _State | None:
     return None
 
 
-def _in_place(filters: list[_Filter], want: _State) -> bool:
-    """True when exactly the filters of `want` are installed with `want` as their state."""
-    roles = sorted(f.role for f in filters)
+def _in_place(filters: list[_Filter], want: _State, launcher: Launcher) -> bool:
+    """True when exactly the filters of `want` are installed with `want` as their state,
+    passing exactly `launcher`'s MAC and addresses to the bridge."""
+    main = [f for f in filters if f.role in ("mirror", "bpf")]
+    if len(main) != 1 or main[0].role != want.datapath or main[0].state != want \
+            or main[0].target != want.peer:
+        return False
+    rest = [f for f in filters if f is not main[0]]
     if want.datapath == "mirror":
-        expected = ["dhcp4", "dhcp4", "dhcp6", "mirror"]
-    else:
-        expected = ["bpf"]
-    return roles == expected and all(
-        f.state == want and f.target == want.peer for f in filters if f.role in ("mirror", "bpf")
-    )
+        have = sorted((f.prio, f.protocol, f.keys) for f in rest)
+        return have == sorted(_pass_rules(launcher))
+    return not rest and main[0].digest == launcher.digest()
 
 
 def _restore_device(ns: NetNS, netns: str, dev: Link, state: _State | None) -> dict[str, Any]:
@@ -688,10 +872,16 @@ def accelerate(netns: str, interface: str = "eth0", datapath: str = "mirror",
     Idempotent: when the requested setup is already in place nothing is touched. Filters
     left by an earlier run (e.g. before a crash) are adopted: their in-kernel state keeps
     the original qdisc and offload facts, so `restore` still returns the exact original.
+
+    The bridge's MAC and addresses (what is passed to the launcher) are read now: after
+    they change (e.g. a DHCP server address added to the bridge), apply again. A re-apply
+    whose set differs from the installed one replaces the filters; one that matches them
+    changes nothing.
     """
     _validate(datapath, checksum)
     with _netns(netns) as ns:
         devs = _find(ns, netns, interface)  # VmShapeError before any change
+        launcher = _launcher(ns, devs.bridge)
         pairs = ((devs.tap, devs.veth), (devs.veth, devs.tap))
         features = _checksum_features(netns, [devs.tap.name, devs.veth.name])
         plans: list[tuple[Link, Link, _State, _State | None, list[_Filter]]] = []
@@ -709,14 +899,15 @@ def accelerate(netns: str, interface: str = "eth0", datapath: str = "mirror",
                           tuple(n for n in CHECKSUM_FEATURES if n in off), peer.index)
             plans.append((dev, peer, want, old, filters))
 
-        todo = [p for p in plans if not _device_done(p, features)]
+        todo = [p for p in plans if not _device_done(p, features, launcher)]
         if todo:
             try:
                 with contextlib.ExitStack() as stack:
-                    fds = stack.enter_context(_bpf_programs(devs)) if datapath == "bpf" else {}
+                    fds = (stack.enter_context(_bpf_programs(devs, launcher))
+                           if datapath == "bpf" else {})
                     for dev, peer, want, old, filters in todo:
                         fd = fds.get("tap" if dev == devs.tap else "veth")
-                        _apply_device(ns, netns, dev, peer, want, old, filters, fd)
+                        _apply_device(ns, netns, dev, peer, want, old, filters, fd, launcher)
             except BaseException as exc:
                 # Fail open: take everything of ours off both devices, then report.
                 for dev, _, want, old, _ in plans:
@@ -732,9 +923,9 @@ def accelerate(netns: str, interface: str = "eth0", datapath: str = "mirror",
 
 
 def _device_done(plan: tuple[Link, Link, _State, _State | None, list[_Filter]],
-                 features: dict[str, dict[str, dict[str, bool]]]) -> bool:
+                 features: dict[str, dict[str, dict[str, bool]]], launcher: Launcher) -> bool:
     dev, _, want, old, filters = plan
-    if old != want or not _in_place(filters, want):
+    if old != want or not _in_place(filters, want, launcher):
         return False
     if want.checksum == "off":
         feats = features[dev.name]
@@ -752,7 +943,8 @@ def _merge_for_rollback(want: _State, old: _State | None) -> _State:
 
 
 def _apply_device(ns: NetNS, netns: str, dev: Link, peer: Link, want: _State,
-                  old: _State | None, filters: list[_Filter], bpf_fd: int | None) -> None:
+                  old: _State | None, filters: list[_Filter], bpf_fd: int | None,
+                  launcher: Launcher) -> None:
     if _qdisc_kind(ns, dev.index) is None:
         ns.tc("add", "clsact", index=dev.index)
     # Replace our filters (if any). Between the delete and the add the bridge carries the
@@ -760,10 +952,10 @@ def _apply_device(ns: NetNS, netns: str, dev: Link, peer: Link, want: _State,
     if filters:
         _remove_filters(ns, dev.index)
     if want.datapath == "mirror":
-        _install_mirror(ns, dev, peer, want)
+        _install_mirror(ns, dev, peer, want, launcher)
     else:
         assert bpf_fd is not None
-        _install_bpf(ns, dev, bpf_fd, want)
+        _install_bpf(ns, dev, bpf_fd, want, launcher)
     # Offloads last: the state saying what to turn back on is in the kernel first.
     turn_on = tuple(n for n in (old.features_off if old else ()) if n not in want.features_off)
     _set_features(netns, dev.name, turn_on, True)
@@ -787,7 +979,13 @@ def restore(netns: str, interface: str = "eth0") -> None:
 
 
 def status(netns: str, interface: str = "eth0") -> dict[str, Any]:
-    """Devices, datapath in place, filters with counters per direction, offload state."""
+    """Devices, datapath in place, filters with counters per direction, offload state.
+
+    "bridge_passed" counts what the pass rules let through to the bridge (DHCP and frames
+    for the launcher); the mirror's u32 filters only count with CONFIG_CLS_U32_PERF.
+    "launcher" is the bridge's MAC and addresses now; "launcher_current" says whether the
+    installed rules pass exactly those (False: apply again).
+    """
     with _netns(netns) as ns:
         return _status(ns, netns, interface, _find(ns, netns, interface))
 
@@ -799,8 +997,10 @@ def _status(ns: NetNS, netns: str, interface: str, devs: Devices) -> dict[str, A
     directions: dict[str, dict[str, int | None]] = {
         "tap_to_veth": {"packets": None, "bytes": None},
         "veth_to_tap": {"packets": None, "bytes": None},
-        "dhcp_passed": {"packets": None, "bytes": None},
+        "bridge_passed": {"packets": None, "bytes": None},
     }
+    launcher = _launcher(ns, devs.bridge)
+    current = True
     datapaths: set[str] = set()
     states: dict[str, dict[str, Any] | None] = {}
     foreign_prios: dict[str, list[int]] = {}
@@ -814,17 +1014,19 @@ def _status(ns: NetNS, netns: str, interface: str, devs: Devices) -> dict[str, A
         }
         if state is not None:
             datapaths.add(state.datapath)
+            current = current and _in_place(filters, state, launcher)
         for flt in filters:
             filters_out.append({
                 "device": dev.name, "direction": direction, "role": flt.role, "kind": flt.kind,
                 "prio": flt.prio, "protocol": f"0x{flt.protocol:04x}", "packets": flt.packets,
                 "bytes": flt.bytes, "redirect_to": flt.target, "prog_id": flt.prog_id,
                 "cookie": flt.cookie.hex() if flt.cookie else None,
+                "keys": [[f"0x{v:08x}", f"0x{m:08x}", o] for v, m, o in flt.keys],
             })
             if flt.role == "mirror":
                 directions[direction] = {"packets": flt.packets, "bytes": flt.bytes}
-            elif flt.role in ("dhcp4", "dhcp6") and flt.packets is not None:
-                d = directions["dhcp_passed"]
+            elif flt.role in _PASS_ROLES.values() and flt.packets is not None:
+                d = directions["bridge_passed"]
                 d["packets"] = (d["packets"] or 0) + flt.packets
             elif flt.role == "bpf" and flt.prog_id and flt.prog_id not in bpf_counted:
                 bpf_counted.add(flt.prog_id)
@@ -835,7 +1037,7 @@ def _status(ns: NetNS, netns: str, interface: str, devs: Devices) -> dict[str, A
                         directions[direction] = mine
                     passed = counts.get(f"{side}_to_bridge")
                     if passed:
-                        d = directions["dhcp_passed"]
+                        d = directions["bridge_passed"]
                         d["packets"] = (d["packets"] or 0) + passed["packets"]
                         d["bytes"] = (d["bytes"] or 0) + passed["bytes"]
         if foreign:
@@ -848,6 +1050,8 @@ def _status(ns: NetNS, netns: str, interface: str, devs: Devices) -> dict[str, A
         "datapath": datapath,
         "directions": directions,
         "filters": filters_out,
+        "launcher": launcher.as_dict(),
+        "launcher_current": current if datapath else None,
         "qdiscs": {d.name: _qdisc_kind(ns, d.index) for d in (devs.tap, devs.veth)},
         "state": states,
         "foreign_prios": foreign_prios,

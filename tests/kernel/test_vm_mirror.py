@@ -291,7 +291,7 @@ def test_dhcp_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
     vm_mirror.accelerate(ns, datapath=datapath)
     unicast = _bridge_listener(ns, BRIDGE_IP, 67)
     broadcast = _bridge_listener(ns, "0.0.0.0", 67)  # what a DHCP server binds
-    other = _bridge_listener(ns, BRIDGE_IP, 9999)
+    other = _bridge_listener(ns, "0.0.0.0", 9999)
     with in_netns(guest):
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -303,16 +303,143 @@ def test_dhcp_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
         assert _received(unicast) == b"dhcp-unicast"
         client.sendto(b"dhcp-broadcast", ("255.255.255.255", 67))
         assert _received(broadcast) == b"dhcp-broadcast"
-        client.sendto(b"not-dhcp", (BRIDGE_IP, 9999))
-        assert _received(other) is None, "a non-DHCP datagram reached the bridge"
+        # A broadcast that is neither DHCP nor for the launcher: redirected, the bridge
+        # (which would deliver it locally without netaccel) does not see it.
+        client.sendto(b"not-dhcp", ("255.255.255.255", 9999))
+        assert _received(other) is None, "a non-DHCP broadcast reached the bridge"
+        # Unicast to the bridge's MAC is for the launcher: it reaches the bridge, DHCP or not.
+        client.sendto(b"for-the-launcher", (BRIDGE_IP, 9999))
+        assert _received(other) == b"for-the-launcher"
         st = vm_mirror.status(ns)
         assert st["directions"]["tap_to_veth"]["packets"] - before >= 1
         if datapath == "bpf":  # the mirror's u32 keeps no per-filter counters on this kernel
-            assert st["directions"]["dhcp_passed"]["packets"] >= 2
+            assert st["directions"]["bridge_passed"]["packets"] >= 3
     finally:
         for sock in (client, unicast, broadcast, other):
             sock.close()
     vm_mirror.restore(ns)
+
+
+def _launcher_echo(ns: str, addr: str, port: int) -> tuple[socket.socket, threading.Thread]:
+    """A UDP echo on the bridge (SO_BINDTODEVICE: replies leave through k6t-eth0 even to the
+    VM's IP, which the launcher also holds on its placeholder eth0)."""
+    sock = _bridge_listener(ns, addr, port)
+    sock.settimeout(5)
+
+    def serve() -> None:
+        with contextlib.suppress(TimeoutError, OSError):
+            data, peer = sock.recvfrom(2048)
+            sock.sendto(b"reply:" + data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return sock, thread
+
+
+def _exchange(client_ns: str, ifname: str, src: tuple[str, int], dst: tuple[str, int],
+              server_ns: str) -> bytes | None:
+    """Send one datagram from client_ns to the launcher's echo at `dst`; return the reply."""
+    server, thread = _launcher_echo(server_ns, *dst)
+    with in_netns(client_ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        client.bind(src)
+        client.settimeout(5)
+        client.sendto(b"hello", dst)
+        try:
+            return client.recv(2048)
+        except TimeoutError:
+            return None
+    finally:
+        client.close()
+        thread.join(timeout=6)
+        server.close()
+
+
+def neighbour(netns: str, dst: str) -> tuple[str | None, int]:
+    """(lladdr, NUD state) of `dst` in netns's neighbour table, or (None, 0)."""
+    with NetNS(netns) as ns:
+        for n in ns.get_neighbours(family=socket.AF_INET):
+            if n.get_attr("NDA_DST") == dst:
+                return n.get_attr("NDA_LLADDR"), n["state"]
+    return None, 0
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_launcher_addresses_resolve_and_answer(bed: Testbed, datapath: str) -> None:
+    """ARP for the bridge's address and unicast to it work through the datapath, from both
+    sides; ordinary traffic still bypasses the bridge (what a DHCP renewal needs)."""
+    vm, pod = bed.vms[0], bed.pods[0]
+    ns, guest = vm.launcher_netns, vm.guest_netns
+    bridge_mac = mac_of(ns, "k6t-eth0")
+    # The guest's source address is the VM's IP, which the launcher also holds (on the
+    # placeholder eth0): without accept_local the launcher treats the guest's ARP request
+    # and datagrams as martians and never answers, with or without netaccel.
+    write_sysctl(ns, "net/ipv4/conf/k6t-eth0/accept_local", "1")
+    with NetNS(guest) as gns:  # a link route to the bridge address, no static neighbour
+        gns.route("add", dst=f"{BRIDGE_IP}/32", oif=gns.link_lookup(ifname="eth0")[0], scope=253)
+    with NetNS(pod.netns) as pns:
+        pns.route("add", dst=f"{BRIDGE_IP}/32", oif=pns.link_lookup(ifname="eth0")[0], scope=253)
+    with NetNS(ns) as lns:  # so the launcher can answer the pod at all
+        lns.route("add", dst=f"{pod.ipv4}/32", oif=lns.link_lookup(ifname="k6t-eth0")[0],
+                  scope=253)
+    st = vm_mirror.accelerate(ns, datapath=datapath)
+    assert st["launcher"]["mac"] == bridge_mac and BRIDGE_IP in st["launcher"]["ipv4"]
+    assert st["launcher_current"] is True
+    assert neighbour(guest, BRIDGE_IP) == (None, 0)
+
+    # Guest -> launcher (a DHCP renewal's shape: unicast from the leased address to :67).
+    reply = _exchange(guest, "eth0", (vm.ipv4, 68), (BRIDGE_IP, 67), ns)
+    assert reply == b"reply:hello", "no unicast exchange between the guest and the launcher"
+    assert neighbour(guest, BRIDGE_IP)[0] == bridge_mac  # ARP for the bridge address worked
+    # Pod side -> launcher, the same rules on eth0-nic.
+    reply = _exchange(pod.netns, "eth0", (pod.ipv4, 0), (BRIDGE_IP, 9999), ns)
+    assert reply == b"reply:hello", "no unicast exchange between the pod side and the launcher"
+    assert neighbour(pod.netns, BRIDGE_IP)[0] == bridge_mac
+
+    # The pass rules are narrow: ordinary guest <-> pod traffic still skips the bridge.
+    macs = {mac_of(guest, "eth0"), mac_of(pod.netns, "eth0")}
+    with udp_echo(pod.netns, pod.ipv4, 7030):
+        flush_learned(ns)
+        with NetNS(guest) as gns, contextlib.suppress(NetlinkError):  # the guest ARPs too
+            gns.neigh("del", dst=pod.ipv4, ifindex=gns.link_lookup(ifname="eth0")[0])
+        assert udp_roundtrips(guest, (pod.ipv4, 7030), 20) == 20
+    assert learned_macs(ns) & macs == set(), "the bridge saw guest <-> pod frames"
+    vm_mirror.restore(ns)
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_reapply_follows_bridge_addresses(bed: Testbed, datapath: str) -> None:
+    """An address added to the bridge after accelerate is passed once accelerate runs again."""
+    vm = bed.vms[0]
+    ns, guest = vm.launcher_netns, vm.guest_netns
+    server_ip = vm.ipv4.rsplit(".", 1)[0] + ".250"  # like the testbed's DHCP server address
+    write_sysctl(ns, "net/ipv4/conf/k6t-eth0/accept_local", "1")
+    original = snapshot(ns)
+    st = vm_mirror.accelerate(ns, datapath=datapath)
+    first = snapshot(ns)
+    with NetNS(ns) as lns:
+        lns.addr("add", index=lns.link_lookup(ifname="k6t-eth0")[0], address=server_ip,
+                 prefixlen=24)
+    st = vm_mirror.status(ns)
+    assert server_ip in st["launcher"]["ipv4"] and st["launcher_current"] is False
+    st = vm_mirror.accelerate(ns, datapath=datapath)
+    assert st["launcher_current"] is True
+    second = snapshot(ns)
+    assert second != first, "the re-apply was skipped"
+    if datapath == "mirror":
+        arp = [f for f in st["filters"] if f["role"] == "launcher_arp"]
+        assert len(arp) == 4  # 169.254.75.10 and server_ip, on both devices
+    assert vm_mirror.accelerate(ns, datapath=datapath)["launcher_current"] is True
+    assert snapshot(ns) == second, "a third apply changed something"
+    reply = _exchange(guest, "eth0", (vm.ipv4, 68), (server_ip, 67), ns)
+    assert reply == b"reply:hello"
+    vm_mirror.restore(ns)
+    with NetNS(ns) as lns:
+        lns.addr("del", index=lns.link_lookup(ifname="k6t-eth0")[0], address=server_ip,
+                 prefixlen=24)
+    assert snapshot(ns) == original
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
@@ -346,15 +473,27 @@ def test_dhcpv6_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
-def test_restore_is_exact_and_apply_idempotent(bed: Testbed, datapath: str) -> None:
+def test_restore_is_exact_and_apply_idempotent(bed: Testbed, datapath: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     ns = bed.vms[0].launcher_netns
     original = snapshot(ns)
     vm_mirror.accelerate(ns, datapath=datapath)
     first = snapshot(ns)
     assert first != original
-    st = vm_mirror.accelerate(ns, datapath=datapath)
+
+    def no_reapply(*args: Any) -> None:
+        raise AssertionError("a second apply re-installed the filters")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(vm_mirror, "_apply_device", no_reapply)
+        st = vm_mirror.accelerate(ns, datapath=datapath)
+    assert st["launcher_current"] is True
     assert snapshot(ns) == first, "a second apply changed something"
-    assert len(st["filters"]) == (8 if datapath == "mirror" else 2)
+    launcher = st["launcher"]
+    assert launcher["ipv4"] == [BRIDGE_IP] and launcher["mac"] == mac_of(ns, "k6t-eth0")
+    # per device: MAC + one ARP per IPv4 + one NS per IPv6 + DHCP 67, 68 + DHCPv6 + redirect
+    per_device = 1 + len(launcher["ipv4"]) + len(launcher["ipv6"]) + 4
+    assert len(st["filters"]) == (2 * per_device if datapath == "mirror" else 2)
     off = st["offload"]
     assert not any(off["tap0"].values()) and not any(off["eth0-nic"].values())
     vm_mirror.restore(ns)
@@ -405,7 +544,10 @@ def test_switch_datapath_and_checksum(bed: Testbed) -> None:
             st = vm_mirror.accelerate(ns, datapath=datapath, checksum=checksum)
             assert st["datapath"] == datapath
             roles = sorted(f["role"] for f in st["filters"])
-            assert roles == (["dhcp4"] * 4 + ["dhcp6"] * 2 + ["mirror"] * 2
+            n4, n6 = len(st["launcher"]["ipv4"]), len(st["launcher"]["ipv6"])
+            assert roles == (sorted(["dhcp4"] * 4 + ["dhcp6"] * 2 + ["mirror"] * 2
+                                    + ["launcher_mac"] * 2 + ["launcher_arp"] * 2 * n4
+                                    + ["launcher_nd"] * 2 * n6)
                              if datapath == "mirror" else ["bpf", "bpf"])
             tap_off = st["offload"]["tap0"]
             assert (not any(tap_off.values())) == (checksum == "off")
