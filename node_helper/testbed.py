@@ -257,6 +257,10 @@ class Testbed:
             ns.addr("add", index=dummy, address=vm.ipv4, prefixlen=32)
             ns.link("set", index=dummy, state="up")
             ns.link("set", index=br, state="up")
+        # The guest's source address (the VM's IP) is local to the launcher too, on the
+        # placeholder: without accept_local the launcher drops what the guest sends it (ARP
+        # for the DHCP server, a unicast renewal) as martians (measured: renewal fails).
+        write_sysctl(vm.launcher_netns, f"net/ipv4/conf/{vm.bridge}/accept_local", "1")
 
     def _add_vm(self, j: int) -> None:
         """A launcher netns and a netns guest behind tap0 (a veth standing in for the tap)."""

@@ -12,7 +12,7 @@ unicast attempts fail, udhcpc falls back to a broadcast REQUEST (rebinding), whi
 rule alone lets through and which also prints NETACCEL-RENEW: so the test captures what
 reaches the bridge and requires the unicast REQUEST to the server among it.
 
-The testbed's launcher also holds the VM's IP (on its placeholder eth0), so the fixture sets
+The testbed's launcher also holds the VM's IP (on its placeholder eth0), so the testbed sets
 accept_local on k6t-eth0: without it the launcher drops the guest's ARP request and even its
 broadcast rebinding REQUEST (source: the leased address) as martians, and the renewal fails
 even with no datapath at all (measured: a fresh DISCOVER instead of the renewal).
@@ -33,7 +33,7 @@ import pytest
 
 from node_helper import vm_mirror
 from node_helper.kernel import in_netns
-from node_helper.testbed import GUEST_UDP_PORT, Testbed, write_sysctl
+from node_helper.testbed import GUEST_UDP_PORT, Testbed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -78,8 +78,6 @@ def accelerated_qemu_bed(request: pytest.FixtureRequest, libvirt_ready: None,
     capture = None
     try:
         vm = bed.vms[0]
-        # The guest's source address is local to the launcher too (see the module docstring).
-        write_sysctl(vm.launcher_netns, "net/ipv4/conf/k6t-eth0/accept_local", "1")
         st = vm_mirror.accelerate(vm.launcher_netns, datapath=request.param, checksum="off")
         # The DHCP server's address (added by the testbed before this) is passed to the bridge.
         assert len(st["launcher"]["ipv4"]) == 2, st["launcher"]

@@ -28,7 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from node_helper import testbed as testbed_mod
 from node_helper import vm_mirror
 from node_helper.kernel import NETNS_DIR, in_netns
-from node_helper.testbed import Testbed, write_sysctl
+from node_helper.testbed import Testbed
 from node_helper.vm_mirror import VmDatapathError, VmShapeError
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
@@ -279,9 +279,7 @@ def test_dhcp_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
     vm = bed.vms[0]
     ns, guest = vm.launcher_netns, vm.guest_netns
     # The guest's test datagrams carry the VM's IP, which the launcher also holds (on the
-    # placeholder eth0); without accept_local the launcher would drop them as martians.
-    # A real DHCP DISCOVER comes from 0.0.0.0 and needs no such thing.
-    write_sysctl(ns, "net/ipv4/conf/k6t-eth0/accept_local", "1")
+    # placeholder eth0): the testbed sets accept_local on k6t-eth0 so they are no martians.
     # Unicast to the bridge address without ARP (ARP from the guest is redirected too).
     with NetNS(guest) as gns:
         eth0 = gns.link_lookup(ifname="eth0")[0]
@@ -373,10 +371,6 @@ def test_launcher_addresses_resolve_and_answer(bed: Testbed, datapath: str) -> N
     vm, pod = bed.vms[0], bed.pods[0]
     ns, guest = vm.launcher_netns, vm.guest_netns
     bridge_mac = mac_of(ns, "k6t-eth0")
-    # The guest's source address is the VM's IP, which the launcher also holds (on the
-    # placeholder eth0): without accept_local the launcher treats the guest's ARP request
-    # and datagrams as martians and never answers, with or without netaccel.
-    write_sysctl(ns, "net/ipv4/conf/k6t-eth0/accept_local", "1")
     with NetNS(guest) as gns:  # a link route to the bridge address, no static neighbour
         gns.route("add", dst=f"{BRIDGE_IP}/32", oif=gns.link_lookup(ifname="eth0")[0], scope=253)
     with NetNS(pod.netns) as pns:
@@ -415,7 +409,6 @@ def test_reapply_follows_bridge_addresses(bed: Testbed, datapath: str) -> None:
     vm = bed.vms[0]
     ns, guest = vm.launcher_netns, vm.guest_netns
     server_ip = vm.ipv4.rsplit(".", 1)[0] + ".250"  # like the testbed's DHCP server address
-    write_sysctl(ns, "net/ipv4/conf/k6t-eth0/accept_local", "1")
     original = snapshot(ns)
     st = vm_mirror.accelerate(ns, datapath=datapath)
     first = snapshot(ns)
