@@ -6,7 +6,6 @@ filter in a throw-away namespace) rather than reading config files.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import shutil
@@ -14,11 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node_helper import kernel
-
-BPF_MAP_CREATE = 0
-BPF_MAP_TYPE_SOCKHASH = 18
-SYS_BPF = 321  # x86_64
+from node_helper import bpf_syscall, kernel
 
 
 @dataclass
@@ -38,13 +33,7 @@ def _root() -> str:
 
 def _sockhash() -> str:
     """Create (and close) a SOCKHASH through the bpf() syscall."""
-    attr = (ctypes.c_uint32 * 16)()
-    attr[0], attr[1], attr[2], attr[3] = BPF_MAP_TYPE_SOCKHASH, 8, 4, 16
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(SYS_BPF, BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    os.close(fd)
+    os.close(bpf_syscall.map_create(bpf_syscall.BPF_MAP_TYPE_SOCKHASH, 8, 4, 16))
     return "bpf() syscall works, SOCKHASH map created"
 
 

@@ -8,14 +8,13 @@
 All state lives in the kernel: the attachments are legacy BPF_PROG_ATTACH ones, which outlive
 the enabling process, and the maps and programs are pinned in bpffs. Our programs are found by
 name (PROG_OPS_NAME, PROG_MSG_NAME), so a crashed run's leftovers can be cleaned up even when
-its pins are gone. Map access from user space uses the bpf() syscall directly (ctypes), so
-status() needs neither bcc nor kernel headers.
+its pins are gone. Map access from user space uses the bpf() syscall directly
+(node_helper.bpf_syscall), so status() needs neither bcc nor kernel headers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -26,6 +25,27 @@ from pathlib import Path
 from typing import Any
 
 from node_helper import kernel
+from node_helper.bpf_syscall import (  # noqa: F401 - re-exported for tests and the CLI
+    BPF_CGROUP_SOCK_OPS,
+    BPF_F_ALLOW_MULTI,
+    BPF_MAP_TYPE_SOCKHASH,
+    BPF_SK_MSG_VERDICT,
+    all_prog_names,
+    closing,
+    map_create,
+    map_delete,
+    map_keys,
+    map_lookup,
+    map_update,
+    obj_get,
+    obj_pin,
+    possible_cpus,
+    prog_attach,
+    prog_detach,
+    prog_fd_by_id,
+    prog_info,
+    prog_query,
+)
 from node_helper.kernel import KernelFeatureError
 
 BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "sockmap.c"
@@ -46,151 +66,6 @@ SOCK_KEY_SIZE = 40  # struct sock_key
 LPM_KEY_SIZE = 20  # struct lpm_key
 _MOUNTINFO = Path("/proc/self/mountinfo")  # tests point this at a fake one
 _MODULES_DIR = Path("/lib/modules")  # ditto, for "no headers"
-
-# --- the bpf() syscall --------------------------------------------------------------------
-
-_SYS_BPF = 321  # x86_64
-BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
-BPF_MAP_GET_NEXT_KEY, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH = 4, 6, 7, 8, 9
-BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 11, 13, 15, 16
-BPF_CGROUP_SOCK_OPS, BPF_SK_MSG_VERDICT = 3, 7
-BPF_F_ALLOW_MULTI = 2
-BPF_MAP_TYPE_SOCKHASH = 18
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _bpf(cmd: int, attr: bytes | bytearray) -> tuple[int, ctypes.Array]:
-    """Call bpf(cmd, attr); return (result, the attr buffer as the kernel left it)."""
-    buf = ctypes.create_string_buffer(bytes(attr).ljust(128, b"\0"), 128)
-    ret = _libc.syscall(_SYS_BPF, cmd, buf, 128)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
-    return ret, buf
-
-
-def _addr(buf: ctypes.Array) -> int:
-    return ctypes.addressof(buf)
-
-
-def obj_get(path: Path) -> int:
-    """Open a pinned object; return its fd."""
-    p = ctypes.create_string_buffer(str(path).encode())
-    fd, _ = _bpf(BPF_OBJ_GET, struct.pack("=QII", _addr(p), 0, 0))
-    return fd
-
-
-def obj_pin(fd: int, path: Path) -> None:
-    p = ctypes.create_string_buffer(str(path).encode())
-    _bpf(BPF_OBJ_PIN, struct.pack("=QII", _addr(p), fd, 0))
-
-
-def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value_size)
-    try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", fd, 0, _addr(k), _addr(v), 0))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    return v.raw
-
-
-def map_update(fd: int, key: bytes, value: bytes) -> None:
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value, len(value))
-    _bpf(BPF_MAP_UPDATE_ELEM, struct.pack("=IIQQQ", fd, 0, _addr(k), _addr(v), 0))
-
-
-def map_delete(fd: int, key: bytes) -> bool:
-    k = ctypes.create_string_buffer(key, len(key))
-    try:
-        _bpf(BPF_MAP_DELETE_ELEM, struct.pack("=IIQQ", fd, 0, _addr(k), 0))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
-
-
-def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
-    """All keys of a map (GET_NEXT_KEY from "no key")."""
-    nxt = ctypes.create_string_buffer(key_size)
-    cur: ctypes.Array | None = None
-    while True:
-        try:
-            _bpf(BPF_MAP_GET_NEXT_KEY,
-                 struct.pack("=IIQQ", fd, 0, _addr(cur) if cur is not None else 0, _addr(nxt)))
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return
-            raise
-        yield nxt.raw
-        cur = ctypes.create_string_buffer(nxt.raw, key_size)
-
-
-def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int = 0) -> None:
-    _bpf(BPF_PROG_ATTACH, struct.pack("=IIII", target_fd, prog_fd, attach_type, flags))
-
-
-def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
-    _bpf(BPF_PROG_DETACH, struct.pack("=III", target_fd, prog_fd, attach_type))
-
-
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """Ids of the programs attached to target_fd (a cgroup or a sockmap) for attach_type."""
-    ids = (ctypes.c_uint32 * 64)()
-    _, buf = _bpf(BPF_PROG_QUERY,
-                  struct.pack("=IIIIQI", target_fd, attach_type, 0, 0, ctypes.addressof(ids), 64))
-    count = struct.unpack_from("=I", buf.raw, 24)[0]
-    return list(ids[:count])
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    fd, _ = _bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id))
-    return fd
-
-
-def prog_info(fd: int) -> tuple[int, str]:
-    """(id, name) of a program fd."""
-    info = ctypes.create_string_buffer(256)
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 256, _addr(info)))
-    prog_id = struct.unpack_from("=I", info.raw, 4)[0]
-    name = info.raw[64:80].split(b"\0", 1)[0].decode()
-    return prog_id, name
-
-
-def all_prog_names() -> dict[int, str]:
-    """Every loaded BPF program on the machine: id -> name."""
-    found: dict[int, str] = {}
-    start = 0
-    while True:
-        try:
-            _, buf = _bpf(BPF_PROG_GET_NEXT_ID, struct.pack("=I", start))
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return found
-            raise
-        start = struct.unpack_from("=I", buf.raw, 4)[0]
-        with contextlib.suppress(OSError), _closing(prog_fd_by_id(start)) as fd:
-            found[start] = prog_info(fd)[1]
-
-
-@contextlib.contextmanager
-def _closing(fd: int) -> Iterator[int]:
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _possible_cpus() -> int:
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    return sum(int(b) - int(a) + 1 if "-" in part else 1
-               for part in text.split(",") for a, _, b in [part.partition("-")])
-
 
 # --- the accelerated set ------------------------------------------------------------------
 
@@ -237,7 +112,7 @@ def _ours_on_cgroup(cgroup_fd: int) -> list[int]:
     """Ids of our sock_ops programs attached to the cgroup (found by name)."""
     ours = []
     for prog_id in prog_query(cgroup_fd, BPF_CGROUP_SOCK_OPS):
-        with contextlib.suppress(OSError), _closing(prog_fd_by_id(prog_id)) as fd:
+        with contextlib.suppress(OSError), closing(prog_fd_by_id(prog_id)) as fd:
             if prog_info(fd)[1] == PROG_OPS_NAME:
                 ours.append(prog_id)
     return ours
@@ -246,7 +121,7 @@ def _ours_on_cgroup(cgroup_fd: int) -> list[int]:
 def attached_programs(cgroup: Path | None = None) -> list[int]:
     """Ids of netaccel sock_ops programs attached to the cgroup v2 root (empty when off)."""
     cg = cgroup or _cgroup_root()
-    with _closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
+    with closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
         return _ours_on_cgroup(cgfd)
 
 
@@ -259,12 +134,12 @@ def _is_enabled(cgroup_fd: int) -> bool:
     if not _pins_complete():
         return False
     try:
-        with _closing(obj_get(PIN_DIR / "prog_ops")) as ops_fd:
+        with closing(obj_get(PIN_DIR / "prog_ops")) as ops_fd:
             ops_id = prog_info(ops_fd)[0]
         if _ours_on_cgroup(cgroup_fd) != [ops_id]:  # missing, or a crashed run's one as well
             return False
-        with _closing(obj_get(PIN_DIR / "prog_msg")) as msg_fd, \
-                _closing(obj_get(PIN_DIR / "map_socks")) as socks_fd:
+        with closing(obj_get(PIN_DIR / "prog_msg")) as msg_fd, \
+                closing(obj_get(PIN_DIR / "map_socks")) as socks_fd:
             msg_id = prog_info(msg_fd)[0]
             try:
                 return msg_id in prog_query(socks_fd, BPF_SK_MSG_VERDICT)
@@ -278,17 +153,17 @@ def _cleanup(cgroup_fd: int | None) -> None:
     """Detach and unpin everything of ours, whatever state it is in. Idempotent."""
     # 1. No new sockets enter the sockhash.
     for prog_id in _ours_on_cgroup(cgroup_fd) if cgroup_fd is not None else []:
-        with contextlib.suppress(OSError), _closing(prog_fd_by_id(prog_id)) as fd:
+        with contextlib.suppress(OSError), closing(prog_fd_by_id(prog_id)) as fd:
             prog_detach(cgroup_fd, fd, BPF_CGROUP_SOCK_OPS)
     # 2. Take the sk_msg program off the sockhash, then let the map go. Sockets still in it
     #    leave the bypass when the last reference to the map is dropped; their already
     #    redirected data stays readable (tests/kernel/test_bypass.py checks it).
-    with contextlib.suppress(OSError), _closing(obj_get(PIN_DIR / "map_socks")) as socks_fd:
-        with contextlib.suppress(OSError), _closing(obj_get(PIN_DIR / "prog_msg")) as msg_fd:
+    with contextlib.suppress(OSError), closing(obj_get(PIN_DIR / "map_socks")) as socks_fd:
+        with contextlib.suppress(OSError), closing(obj_get(PIN_DIR / "prog_msg")) as msg_fd:
             prog_detach(socks_fd, msg_fd, BPF_SK_MSG_VERDICT)
         with contextlib.suppress(OSError):
             for prog_id in prog_query(socks_fd, BPF_SK_MSG_VERDICT):
-                with contextlib.suppress(OSError), _closing(prog_fd_by_id(prog_id)) as fd:
+                with contextlib.suppress(OSError), closing(prog_fd_by_id(prog_id)) as fd:
                     prog_detach(socks_fd, fd, BPF_SK_MSG_VERDICT)
     # 3. Unpin.
     if PIN_DIR.exists():
@@ -313,7 +188,7 @@ def _locked() -> Iterator[None]:
 @contextlib.contextmanager
 def _cgroup_fd() -> Iterator[tuple[Path, int]]:
     cg = _cgroup_root()
-    with _closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as fd:
+    with closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as fd:
         yield cg, fd
 
 
@@ -352,7 +227,7 @@ def disable() -> None:
         if cg is None:
             _cleanup(None)
             return
-        with _closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
+        with closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
             _cleanup(cgfd)
 
 
@@ -367,16 +242,16 @@ def status() -> dict[str, Any]:
     except KernelFeatureError:
         result["cgroup"] = None
         return result
-    with _closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
+    with closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as cgfd:
         result["enabled"] = _is_enabled(cgfd)
     if not _pins_complete():
         return result
     with contextlib.suppress(OSError):
-        with _closing(obj_get(PIN_DIR / "map_counters")) as fd:
+        with closing(obj_get(PIN_DIR / "map_counters")) as fd:
             result.update(_read_counters(fd))
-        with _closing(obj_get(PIN_DIR / "map_socks")) as fd:
+        with closing(obj_get(PIN_DIR / "map_socks")) as fd:
             result["sockets"] = sum(1 for _ in map_keys(fd, SOCK_KEY_SIZE))
-        with _closing(obj_get(PIN_DIR / "map_accel")) as fd:
+        with closing(obj_get(PIN_DIR / "map_accel")) as fd:
             result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY_SIZE))
     return result
 
@@ -385,7 +260,7 @@ def status() -> dict[str, Any]:
 
 def _read_counters(fd: int) -> dict[str, int]:
     size = 8 * len(COUNTER_FIELDS)
-    ncpu = _possible_cpus()
+    ncpu = possible_cpus()
     raw = map_lookup(fd, b"\0\0\0\0", size * ncpu) or b""
     totals = [0] * len(COUNTER_FIELDS)
     for cpu in range(len(raw) // size):
@@ -397,7 +272,7 @@ def _read_counters(fd: int) -> dict[str, int]:
 def _set_accel(nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
     """Make the pinned trie hold exactly `nets` (adds first, then removes)."""
     wanted = {lpm_key(n) for n in nets}
-    with _closing(obj_get(PIN_DIR / "map_accel")) as fd:
+    with closing(obj_get(PIN_DIR / "map_accel")) as fd:
         for key in wanted:
             map_update(fd, key, struct.pack("=I", 1))
         for key in list(map_keys(fd, LPM_KEY_SIZE)):
@@ -408,7 +283,7 @@ def _set_accel(nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) ->
 def _probe_sockhash() -> None:
     """KernelFeatureError unless the kernel can create a SOCKHASH."""
     try:
-        fd, _ = _bpf(BPF_MAP_CREATE, struct.pack("=IIIII", BPF_MAP_TYPE_SOCKHASH, 4, 4, 1, 0))
+        fd = map_create(BPF_MAP_TYPE_SOCKHASH, 4, 4, 1)
     except OSError as exc:
         raise KernelFeatureError(
             f"the kernel cannot create a BPF sockhash ({exc.strerror}): it needs "

@@ -56,11 +56,9 @@ re-apply this means the namespace ends up un-accelerated, never half-accelerated
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import ipaddress
-import platform
 import re
 import struct
 from collections.abc import Iterator
@@ -84,6 +82,7 @@ from pyroute2.netlink.rtnl import RTM_DELTFILTER, RTM_GETTFILTER, RTM_NEWTFILTER
 from pyroute2.netlink.rtnl.tcmsg import act_mirred, cls_u32, tcmsg
 from pyroute2.netlink.rtnl.tcmsg.common import stats2
 
+from node_helper import bpf_syscall
 from node_helper.kernel import NETNS_DIR, ensure_bcc_headers, import_bcc, in_netns
 
 # The alias node_helper.testbed puts on its veth stand-in for QEMU's tap (kept equal there;
@@ -747,68 +746,23 @@ def _set_features(netns: str, ifname: str, names: tuple[str, ...], on: bool) -> 
 
 # --- reading bpf counters after a restart (bpf syscall) -------------------------------------
 
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
-_BPF_MAP_LOOKUP_ELEM, _BPF_PROG_GET_FD_BY_ID, _BPF_MAP_GET_FD_BY_ID = 1, 13, 14
-_BPF_OBJ_GET_INFO_BY_FD = 15
-
-
-def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    ret = libc.syscall(_BPF_SYSCALL, cmd, attr, ctypes.sizeof(attr))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"bpf({cmd}): {errno.errorcode.get(err, err)}")
-    return ret
-
-
-def _possible_cpus() -> int:
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
-
-
 def _bpf_counters(prog_id: int) -> dict[str, dict[str, int]]:
     """Sum the per-CPU `counters` map of the program with id `prog_id`."""
-    import os
-
-    attr = ctypes.create_string_buffer(128)
-    struct.pack_into("I", attr, 0, prog_id)
-    prog_fd = _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
-    try:
-        map_ids = (ctypes.c_uint32 * 8)()
-        info = ctypes.create_string_buffer(256)
-        struct.pack_into("=IQ", info, 52, 8, ctypes.addressof(map_ids))  # nr_map_ids, map_ids
-        attr = ctypes.create_string_buffer(128)
-        struct.pack_into("IIQ", attr, 0, prog_fd, len(info), ctypes.addressof(info))
-        _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
-        nr_maps = struct.unpack_from("I", info, 52)[0]
-    finally:
-        os.close(prog_fd)
-    ncpu = _possible_cpus()
-    for map_id in list(map_ids)[: min(nr_maps, 8)]:
-        attr = ctypes.create_string_buffer(128)
-        struct.pack_into("I", attr, 0, map_id)
-        map_fd = _bpf(_BPF_MAP_GET_FD_BY_ID, attr)
-        try:
-            minfo = ctypes.create_string_buffer(128)
-            attr = ctypes.create_string_buffer(128)
-            struct.pack_into("IIQ", attr, 0, map_fd, len(minfo), ctypes.addressof(minfo))
-            _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
-            mtype, _, ksize, vsize, entries = struct.unpack_from("IIIII", minfo, 0)
-            if mtype != 6 or vsize != 16 or entries != len(COUNTER_SLOTS):  # PERCPU_ARRAY
+    with bpf_syscall.closing(bpf_syscall.prog_fd_by_id(prog_id)) as prog_fd:
+        map_ids = bpf_syscall.prog_map_ids(prog_fd)
+    ncpu = bpf_syscall.possible_cpus()
+    for map_id in map_ids:
+        with bpf_syscall.closing(bpf_syscall.map_fd_by_id(map_id)) as map_fd:
+            map_type, _, value_size, entries = bpf_syscall.map_info(map_fd)
+            if (map_type != bpf_syscall.BPF_MAP_TYPE_PERCPU_ARRAY or value_size != 16
+                    or entries != len(COUNTER_SLOTS)):
                 continue
             out = {}
             for slot, name in enumerate(COUNTER_SLOTS):
-                key = ctypes.c_uint32(slot)
-                value = ctypes.create_string_buffer(16 * ncpu)
-                attr = ctypes.create_string_buffer(128)
-                struct.pack_into("IIQQQ", attr, 0, map_fd, 0, ctypes.addressof(key),
-                                 ctypes.addressof(value), 0)
-                _bpf(_BPF_MAP_LOOKUP_ELEM, attr)
-                pairs = struct.unpack_from(f"{2 * ncpu}Q", value)
+                value = bpf_syscall.map_lookup(map_fd, struct.pack("=I", slot), 16 * ncpu) or b""
+                pairs = struct.unpack_from(f"={2 * ncpu}Q", value)
                 out[name] = {"packets": sum(pairs[0::2]), "bytes": sum(pairs[1::2])}
             return out
-        finally:
-            os.close(map_fd)
     return {}
 
 
