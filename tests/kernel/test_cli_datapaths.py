@@ -1,0 +1,62 @@
+"""The CLI over both datapaths, as an operator runs it: JSON out, exit codes that mean something."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from node_helper import sockets
+from node_helper.testbed import Testbed
+
+pytestmark = pytest.mark.kernel
+NETACCEL = [sys.executable, "-m", "node_helper.cli"]
+
+
+def netaccel(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(NETACCEL + list(args), capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def bed():
+    with Testbed.create(pods=2, vms=1) as tb:
+        yield tb
+
+
+def test_vm_accelerate_status_restore(bed: Testbed) -> None:
+    ns = bed.vms[0].launcher_netns
+    on = netaccel("vm", "accelerate", "--netns", ns, "--datapath", "mirror", "--json")
+    assert on.returncode == 0, on.stderr
+    assert json.loads(on.stdout)["datapath"] == "mirror"
+    status = json.loads(netaccel("vm", "status", "--netns", ns, "--json").stdout)
+    assert status["devices"]["tap"]["name"] == "tap0"
+    assert status["devices"]["veth"]["name"] == "eth0-nic"
+    for dev in ("tap0", "eth0-nic"):  # --checksum defaults to off
+        assert status["offload"][dev]["rx-checksum"] is False
+        assert status["offload"][dev]["tx-checksum-ip-generic"] is False
+    off = netaccel("vm", "restore", "--netns", ns)
+    assert off.returncode == 0, off.stderr
+    assert json.loads(netaccel("vm", "status", "--netns", ns, "--json").stdout)["datapath"] is None
+
+
+def test_vm_on_a_pod_netns_is_a_clear_usage_error(bed: Testbed) -> None:
+    res = netaccel("vm", "accelerate", "--netns", bed.pods[0].netns)
+    assert res.returncode == 2
+    assert "k6t-eth0" in res.stderr  # says which bridge it looked for
+
+
+def test_bypass_on_status_off_from_separate_processes(bed: Testbed) -> None:
+    try:
+        on = netaccel("bypass", "on", "--testbed", str(bed.number), "--json")
+        assert on.returncode == 0, on.stderr
+        status = json.loads(netaccel("bypass", "status", "--json").stdout)
+        assert status["enabled"] is True
+        assert sorted(status["cidrs"]) == sorted(bed.pod_cidrs())
+        assert {"sockets", "redirected_msgs", "redirected_bytes", "fallback_msgs"} <= set(status)
+        assert netaccel("bypass", "off").returncode == 0
+        assert json.loads(netaccel("bypass", "status", "--json").stdout)["enabled"] is False
+        assert sockets.attached_programs() == []
+    finally:
+        sockets.disable()
