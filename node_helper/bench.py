@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -121,6 +123,30 @@ def run_unix_floor(test: str, size: int, seconds: float) -> float:
                          capture_output=True, text=True, timeout=seconds * 4 + 30, check=True)
     data = json.loads(out.stdout)
     return data["latency_us"] if mode == "lat" else data["bytes_per_sec"] / 1e6
+
+
+@contextmanager
+def cpus_kept_awake(enabled: bool = True) -> Iterator[bool]:
+    """Hold a PM QoS request of 0 us CPU wake-up latency (/dev/cpu_dma_latency) for the block.
+
+    On a VM (like this project's machines: cpuidle-haltpoll with polling off) an idle vCPU
+    halts, and waking it through the hypervisor costs 10-20 us: a ping-pong benchmark then
+    measures the hypervisor, not the datapath (measured: qperf tcp_lat 64 B 30 us idle,
+    7.8 us with this request). It is what tuned's latency-performance profile and cyclictest
+    do. Yields whether the request is in force (False if disabled or not permitted).
+    """
+    fd = None
+    if enabled:
+        try:
+            fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+            os.write(fd, struct.pack("=i", 0))
+        except OSError:
+            fd = None
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 # --- orchestration ---------------------------------------------------------
@@ -325,7 +351,6 @@ def plot(rows: Sequence[Row], path: Path, title: str,
 
 def machine_meta() -> dict[str, Any]:
     """Context for a JSON result: when, where, how loaded."""
-    import os
     import platform
 
     return {

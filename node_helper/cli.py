@@ -149,14 +149,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     seconds = args.seconds or (2.0 if args.quick else 3.0)
     meta = bench.machine_meta() | {"bench": args.target, "seconds_per_point": seconds}
     meta["rounds"] = args.rounds
-    if args.target == "pods":
-        rows = bench.bench_pods(sizes, seconds, rounds=args.rounds)
-        title = "same-node pods: kernel TCP path vs socket bypass (qperf)"
-        baseline = "kernel TCP path (baseline)"
-    else:
-        rows = bench.bench_vm(sizes, seconds, rounds=args.rounds)
-        title = "VM guest -> pod: in-pod bridge vs tc redirect variants (qperf)"
-        baseline = "in-pod bridge (baseline)"
+    run, title, baseline = {
+        "pods": (bench.bench_pods, "same-node pods: kernel TCP path vs socket bypass (qperf)",
+                 "kernel TCP path (baseline)"),
+        "vm": (bench.bench_vm, "VM guest -> pod: in-pod bridge vs tc redirect variants (qperf)",
+               "in-pod bridge (baseline)"),
+    }[args.target]
+    with bench.cpus_kept_awake(not args.allow_cpu_idle) as awake:
+        meta["cpu_dma_latency_us"] = 0 if awake else None
+        if not awake:
+            print("note: CPUs may idle during the benchmark; on a VM, wake-up latency of the "
+                  "hypervisor then dominates latency figures", file=sys.stderr)
+        rows = run(sizes, seconds, rounds=args.rounds)
     print(bench.format_table(rows))
     if args.json:
         bench.write_json(rows, Path(args.json), meta)
@@ -210,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="seconds per point (default 3, quick 2)")
     p.add_argument("--rounds", type=_positive_int, default=1,
                    help="alternating rounds per point; figures are their median (default 1)")
+    p.add_argument("--allow-cpu-idle", action="store_true",
+                   help="do not hold a 0 us cpu_dma_latency PM QoS request while measuring")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     p.set_defaults(func=cmd_bench)

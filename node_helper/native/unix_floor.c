@@ -6,8 +6,13 @@
  *   lat: ping-pong of msg_size bytes; prints one-way latency (round trip / 2)
  *   bw:  one side writes msg_size messages, the other reads; prints the
  *        receiver's rate in bytes per second
+ * The two ends are pinned to two different CPUs (when there are two), as qperf's
+ * client and server end up: left to the scheduler, a ping-pong pair on a VM bounces
+ * between CPUs and the figure swings 2-3x from run to run (measured: 5 vs 14 us).
  * Usage: unix_floor lat|bw MSG_SIZE SECONDS   -> one JSON object on stdout
  */
+#define _GNU_SOURCE
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +21,17 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+/* Pin the calling process to one CPU (quietly a no-op on a single-CPU machine). */
+static void pin_to(int cpu)
+{
+	cpu_set_t set;
+	if (cpu >= sysconf(_SC_NPROCESSORS_ONLN))
+		return;
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	sched_setaffinity(0, sizeof(set), &set);
+}
 
 static double now(void)
 {
@@ -69,6 +85,7 @@ int main(int argc, char **argv)
 	}
 	char *buf = calloc(1, size);
 	pid_t child = fork();
+	pin_to(child == 0 ? 1 : 0);
 	if (child == 0) {
 		/* Peer: echo (lat) or sink (bw) until EOF, then report bytes read. */
 		close(sv[0]);
