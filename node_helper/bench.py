@@ -125,6 +125,14 @@ def run_unix_floor(test: str, size: int, seconds: float) -> float:
     return data["latency_us"] if mode == "lat" else data["bytes_per_sec"] / 1e6
 
 
+CPU_IDLE_POLICIES = ("auto", "awake", "idle")
+
+
+def keep_awake_for(test: str, policy: str) -> bool:
+    """Whether `test` runs with CPUs kept awake: always, never, or (auto) for latency tests."""
+    return policy == "awake" or (policy == "auto" and test.endswith("_lat"))
+
+
 @contextmanager
 def cpus_kept_awake(enabled: bool = True) -> Iterator[bool]:
     """Hold a PM QoS request of 0 us CPU wake-up latency (/dev/cpu_dma_latency) for the block.
@@ -133,7 +141,10 @@ def cpus_kept_awake(enabled: bool = True) -> Iterator[bool]:
     halts, and waking it through the hypervisor costs 10-20 us: a ping-pong benchmark then
     measures the hypervisor, not the datapath (measured: qperf tcp_lat 64 B 30 us idle,
     7.8 us with this request). It is what tuned's latency-performance profile and cyclictest
-    do. Yields whether the request is in force (False if disabled or not permitted).
+    do. Bulk transfers are another matter: polling vCPUs slowed the bypass here (16 KiB
+    tcp_bw 3.5 -> 1.9 GB/s) while speeding up the kernel path (0.6 -> 1.6 GB/s), so the
+    default "auto" policy keeps CPUs awake for latency tests only, as the latency- and
+    throughput-performance profiles would. Yields whether the request is in force.
     """
     fd = None
     if enabled:
@@ -177,42 +188,52 @@ def alternate(variants: Sequence[str], index: int) -> list[str]:
     return list(variants) if index % 2 == 0 else list(reversed(variants))
 
 
+def measure_point(variants: Sequence[str], apply: Callable[[str], None],
+                  measure: Callable[[str], float], index: int, rounds: int) -> dict[str, float]:
+    """Measure every variant `rounds` times, alternating (ABBA); return each one's median."""
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for variant in alternate(variants, index + r):
+            apply(variant)
+            samples[variant].append(measure(variant))
+    return {v: statistics.median(values) for v, values in samples.items()}
+
+
 def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                tests: Sequence[str] = ("tcp_lat", "tcp_bw"), rounds: int = 1,
-               progress: ProgressFn = stderr_progress) -> list[Row]:
+               cpu_idle: str = "auto", progress: ProgressFn = stderr_progress) -> list[Row]:
     """qperf between two testbed pods: kernel path vs socket bypass, plus the AF_UNIX floor.
 
     With rounds > 1 every figure is the median of that many alternating measurements."""
     from node_helper import sockets
 
-    sizes = list(sizes)
-    rows: list[Row] = []
     points = [(t, s) for s in sizes for t in tests]
+    rows: list[Row] = []
     with testbed_for(pods=2) as bed, qperf_server(bed.pods[1].netns):
-        client, server = bed.pods[0], bed.pods[1]
-        cidrs = bed.pod_cidrs()
-        sockets.disable()
+        client, server, cidrs = bed.pods[0], bed.pods[1], bed.pod_cidrs()
+
+        def apply(variant: str) -> None:
+            if variant == "accelerated":
+                sockets.enable(cidrs)
+            else:
+                sockets.disable()
+
         try:
             for n, (test, size) in enumerate(points, 1):
-                samples: dict[str, list[float]] = {"baseline": [], "accelerated": [], "floor": []}
-                for r in range(rounds):
-                    for variant in alternate(("baseline", "accelerated"), n + r):
-                        if variant == "accelerated":
-                            sockets.enable(cidrs)
-                        else:
-                            sockets.disable()
-                        samples[variant].append(
-                            run_qperf(client.netns, server.ipv4, test, size, seconds))
-                    sockets.disable()
-                    samples["floor"].append(run_unix_floor(test, size, seconds))
-                figures = {k: statistics.median(v) for k, v in samples.items()}
-                floor = figures["floor"]
-                row = Row(test, size, UNITS[test], figures["baseline"], figures["accelerated"],
-                          floor, figures["accelerated"] / figures["baseline"])
+                def measure(variant: str, test: str = test, size: int = size) -> float:
+                    if variant == "floor":
+                        return run_unix_floor(test, size, seconds)
+                    return run_qperf(client.netns, server.ipv4, test, size, seconds)
+
+                with cpus_kept_awake(keep_awake_for(test, cpu_idle)):
+                    fig = measure_point(("baseline", "accelerated", "floor"), apply, measure,
+                                        n, rounds)
+                row = Row(test, size, UNITS[test], fig["baseline"], fig["accelerated"],
+                          fig["floor"], fig["accelerated"] / fig["baseline"])
                 rows.append(row)
                 progress(f"[{n}/{len(points)}] {test:7s} {human_size(size):>6s}  "
                          f"kernel {row.baseline:9.2f}  bypass {row.accelerated:9.2f}  "
-                         f"floor {floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
+                         f"floor {row.floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
         finally:
             sockets.disable()
     return rows
@@ -228,43 +249,38 @@ _VM_SETTINGS = {
 
 def bench_vm(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
              tests: Sequence[str] = ("udp_lat", "udp_bw", "tcp_lat", "tcp_bw"),
-             variants: Sequence[str] = VM_VARIANTS, rounds: int = 1,
+             variants: Sequence[str] = VM_VARIANTS, rounds: int = 1, cpu_idle: str = "auto",
              progress: ProgressFn = stderr_progress) -> list[Row]:
     """qperf from a testbed VM's guest to a pod: bridge vs each accelerated variant.
 
     With rounds > 1 every figure is the median of that many alternating measurements."""
     from node_helper import vm_mirror
 
-    sizes = list(sizes)
-    rows: list[Row] = []
     points = [(t, s) for s in sizes for t in tests]
+    rows: list[Row] = []
     with testbed_for(pods=1, vms=1) as bed, qperf_server(bed.pods[0].netns):
         vm = next(v for v in bed.vms if v.guest_netns)
         server = bed.pods[0]
-        vm_mirror.restore(vm.launcher_netns)
+
+        def apply(variant: str) -> None:
+            if variant == "bridge":
+                vm_mirror.restore(vm.launcher_netns)
+            else:
+                datapath, checksum = _VM_SETTINGS[variant]
+                vm_mirror.accelerate(vm.launcher_netns, datapath=datapath, checksum=checksum)
+
         try:
             for n, (test, size) in enumerate(points, 1):
-                samples: dict[str, list[float]] = {v: [] for v in variants}
-                for r in range(rounds):
-                    for variant in alternate(variants, n + r):
-                        if variant == "bridge":
-                            vm_mirror.restore(vm.launcher_netns)
-                        else:
-                            datapath, checksum = _VM_SETTINGS[variant]
-                            vm_mirror.accelerate(vm.launcher_netns, datapath=datapath,
-                                                 checksum=checksum)
-                        samples[variant].append(
-                            run_qperf(vm.guest_netns, server.ipv4, test, size, seconds))
-                    vm_mirror.restore(vm.launcher_netns)
-                figures = {k: statistics.median(v) for k, v in samples.items()}
-                base = figures["bridge"]
-                for variant in variants:
-                    if variant == "bridge":
-                        continue
-                    rows.append(Row(test, size, UNITS[test], base, figures[variant], None,
-                                    figures[variant] / base, variant))
+                def measure(_variant: str, test: str = test, size: int = size) -> float:
+                    return run_qperf(vm.guest_netns, server.ipv4, test, size, seconds)
+
+                with cpus_kept_awake(keep_awake_for(test, cpu_idle)):
+                    fig = measure_point(variants, apply, measure, n, rounds)
+                base = fig["bridge"]
+                rows += [Row(test, size, UNITS[test], base, fig[v], None, fig[v] / base, v)
+                         for v in variants if v != "bridge"]
                 progress(f"[{n}/{len(points)}] {test:7s} {human_size(size):>6s}  " + "  ".join(
-                    f"{v} {figures[v]:.2f}" for v in variants) + f" {UNITS[test]}")
+                    f"{v} {fig[v]:.2f}" for v in variants) + f" {UNITS[test]}")
         finally:
             vm_mirror.restore(vm.launcher_netns)
     return rows

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from node_helper import bench as bench_mod
 from node_helper import kernel
 from node_helper import testbed as testbed_mod
 
@@ -155,12 +156,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "vm": (bench.bench_vm, "VM guest -> pod: in-pod bridge vs tc redirect variants (qperf)",
                "in-pod bridge (baseline)"),
     }[args.target]
-    with bench.cpus_kept_awake(not args.allow_cpu_idle) as awake:
-        meta["cpu_dma_latency_us"] = 0 if awake else None
-        if not awake:
-            print("note: CPUs may idle during the benchmark; on a VM, wake-up latency of the "
-                  "hypervisor then dominates latency figures", file=sys.stderr)
-        rows = run(sizes, seconds, rounds=args.rounds)
+    meta["cpu_idle"] = {
+        "policy": args.cpu_idle,
+        "cpu_dma_latency_0us_for": [t for t in ("tcp_lat", "tcp_bw", "udp_lat", "udp_bw")
+                                    if bench.keep_awake_for(t, args.cpu_idle)],
+    }
+    rows = run(sizes, seconds, rounds=args.rounds, cpu_idle=args.cpu_idle)
     print(bench.format_table(rows))
     if args.json:
         bench.write_json(rows, Path(args.json), meta)
@@ -214,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="seconds per point (default 3, quick 2)")
     p.add_argument("--rounds", type=_positive_int, default=1,
                    help="alternating rounds per point; figures are their median (default 1)")
-    p.add_argument("--allow-cpu-idle", action="store_true",
-                   help="do not hold a 0 us cpu_dma_latency PM QoS request while measuring")
+    p.add_argument("--cpu-idle", choices=bench_mod.CPU_IDLE_POLICIES, default="auto",
+                   help="hold a 0 us cpu_dma_latency PM QoS request: for latency tests only "
+                   "(auto), always (awake) or never (idle); see bench.cpus_kept_awake")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     p.set_defaults(func=cmd_bench)
