@@ -35,7 +35,9 @@ Two datapaths, same rule:
   The bridge's MAC and addresses are compiled in (-D macros); a digest of them is part of
   the filter's name so a re-apply can tell whether they are still current.
 
-Optionally (checksum="off", the default) rx/tx checksum offload is turned off on both ports.
+Optionally (checksum="off") rx/tx checksum offload is turned off on both ports. The default
+is "keep": measured on the testbed (docs/results/bench-vm.*), turning it off bought UDP
+nothing measurable and cost TCP at >= 4 KiB 22-31 % throughput (no TSO/GSO without it).
 
 Where the restore state lives (in the kernel, no file): every device carries its own
 16-byte record (`_State`) saying which datapath is in place, whether netaccel created the
@@ -56,7 +58,6 @@ re-apply this means the namespace ends up un-accelerated, never half-accelerated
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import ipaddress
 import re
@@ -64,25 +65,15 @@ import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from socket import AF_INET, AF_INET6, htons, ntohs
+from socket import AF_INET, AF_INET6, ntohs
 from typing import Any
 
 from pyroute2 import NetNS
-from pyroute2.netlink import (
-    NLM_F_ACK,
-    NLM_F_CREATE,
-    NLM_F_DUMP,
-    NLM_F_EXCL,
-    NLM_F_REQUEST,
-    nla,
-    nlmsg,
-)
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_DELTFILTER, RTM_GETTFILTER, RTM_NEWTFILTER
-from pyroute2.netlink.rtnl.tcmsg import act_mirred, cls_u32, tcmsg
-from pyroute2.netlink.rtnl.tcmsg.common import stats2
+from pyroute2.netlink.rtnl.tcmsg import act_mirred
 
 from node_helper import bpf_syscall
+from node_helper import tc_netlink as tc
 from node_helper.kernel import NETNS_DIR, ensure_bcc_headers, import_bcc, in_netns
 
 # The alias node_helper.testbed puts on its veth stand-in for QEMU's tap (kept equal there;
@@ -92,8 +83,7 @@ TAP_STANDIN_ALIAS = "netaccel-testbed-tap"
 DATAPATHS = ("mirror", "bpf")
 CHECKSUM_MODES = ("off", "keep")
 
-# tc layout: filters on the ingress hook of a clsact (or ingress) qdisc.
-TC_H_INGRESS_HOOK = 0xFFFFFFF2  # ffff:fff2, the ingress hook of both clsact and ingress
+# tc layout: filters on the ingress hook (tc.INGRESS_HOOK) of a clsact (or ingress) qdisc.
 PRIO_LAUNCHER_MAC = 0x4E3E  # u32, protocol all: Ethernet dst == bridge MAC -> classid only
 PRIO_LAUNCHER_ARP = 0x4E3F  # u32, protocol arp: target IP == a bridge IPv4 address (1/addr)
 PRIO_LAUNCHER_ND = 0x4E40  # u32, protocol ipv6: NS for a bridge IPv6 address (1/addr)
@@ -361,179 +351,6 @@ class _State:
         )
 
 
-# --- netlink messages with action cookies ------------------------------------------------
-# pyroute2 0.9's tc messages drop TCA_ACT_COOKIE (and TCA_BPF_ID): these classes add them.
-# They derive from nlmsg/nla directly: subclassing pyroute2's tcmsg would inherit its
-# already-compiled attribute table.
-
-
-class _Action(nla):
-    nla_map = (
-        ("TCA_ACT_UNSPEC", "none"),
-        ("TCA_ACT_KIND", "asciiz"),
-        ("TCA_ACT_OPTIONS", "get_options"),
-        ("TCA_ACT_INDEX", "uint32"),
-        ("TCA_ACT_STATS", "stats2"),
-        ("TCA_ACT_PAD", "hex"),
-        ("TCA_ACT_COOKIE", "cdata"),
-    )
-    stats2 = stats2
-
-    @staticmethod
-    def get_options(self: nla, *argv: Any, **kwarg: Any) -> Any:
-        return act_mirred.options if self.get_attr("TCA_ACT_KIND") == "mirred" else self.hex
-
-
-class _Actions(nla):
-    nla_map = tuple((f"TCA_ACT_PRIO_{i}", "action") for i in range(33))
-    action = _Action
-
-
-class _U32Sel(cls_u32.options.u32_sel):
-    """A u32 selector built from explicit (value, mask, offset) keys.
-
-    pyroute2's own encoder parses "value/mask+offset" strings into a byte table indexed by
-    offset, so it cannot express the negative offsets that reach the Ethernet header (and it
-    re-splits keys at byte boundaries); its decoder reads the keys 4 bytes too early (it
-    skips 16 bytes, the selector is 4 bytes of nla header plus 16 bytes of fields).
-    """
-
-    def decode(self) -> None:
-        nla.decode(self)
-        offset = self.offset + 20
-        keys = []
-        for _ in range(self["nkeys"]):
-            key = self.u32_key(data=self.data, offset=offset)
-            key.decode()
-            keys.append(key)
-            offset += 16
-        self["keys"] = keys
-
-    def encode(self) -> None:
-        keys = [(value & mask, mask, off) for value, mask, off in self["keys"]]
-        self["nkeys"] = len(keys)
-        self["flags"] = 1  # TC_U32_TERMINAL: a match ends classification
-        nla.encode(self)
-        offset = self.offset + 20  # 4 bytes nla header + 16 bytes selector fields
-        for value, mask, off in keys:
-            key = self.u32_key(data=self.data)
-            key["key_val"], key["key_mask"] = value, mask
-            key["key_off"], key["key_offmask"] = off, 0
-            key.offset = offset
-            key.encode()
-            offset += 16
-        self.length = offset - self.offset
-        struct.pack_into("H", self.data, self.offset, self.length)
-
-
-class _U32Options(nla):
-    nla_map = (
-        ("TCA_U32_UNSPEC", "none"),
-        ("TCA_U32_CLASSID", "uint32"),
-        ("TCA_U32_HASH", "uint32"),
-        ("TCA_U32_LINK", "hex"),
-        ("TCA_U32_DIVISOR", "uint32"),
-        ("TCA_U32_SEL", "u32_sel"),
-        ("TCA_U32_POLICE", "hex"),
-        ("TCA_U32_ACT", "actions"),
-        ("TCA_U32_INDEV", "hex"),
-        ("TCA_U32_PCNT", "u32_pcnt"),
-        ("TCA_U32_MARK", "hex"),
-        ("TCA_U32_FLAGS", "uint32"),
-    )
-    u32_sel = _U32Sel
-    u32_pcnt = cls_u32.options.u32_pcnt
-    actions = _Actions
-
-
-class _BpfOptions(nla):
-    nla_map = (
-        ("TCA_BPF_UNSPEC", "none"),
-        ("TCA_BPF_ACT", "hex"),
-        ("TCA_BPF_POLICE", "hex"),
-        ("TCA_BPF_CLASSID", "uint32"),
-        ("TCA_BPF_OPS_LEN", "uint32"),
-        ("TCA_BPF_OPS", "hex"),
-        ("TCA_BPF_FD", "uint32"),
-        ("TCA_BPF_NAME", "asciiz"),
-        ("TCA_BPF_FLAGS", "uint32"),
-        ("TCA_BPF_FLAGS_GEN", "uint32"),
-        ("TCA_BPF_TAG", "hex"),
-        ("TCA_BPF_ID", "uint32"),
-    )
-
-
-class _TcMsg(nlmsg):
-    prefix = "TCA_"
-    fields = tcmsg.fields
-    nla_map = (
-        ("TCA_UNSPEC", "none"),
-        ("TCA_KIND", "asciiz"),
-        ("TCA_OPTIONS", "get_options"),
-        ("TCA_STATS", "hex"),
-        ("TCA_XSTATS", "hex"),
-        ("TCA_RATE", "hex"),
-        ("TCA_FCNT", "hex"),
-        ("TCA_STATS2", "hex"),
-        ("TCA_STAB", "hex"),
-        ("TCA_PAD", "hex"),
-        ("TCA_DUMP_INVISIBLE", "hex"),
-        ("TCA_CHAIN", "uint32"),
-    )
-
-    @staticmethod
-    def get_options(self: nlmsg, *argv: Any, **kwarg: Any) -> Any:
-        return {"u32": _U32Options, "bpf": _BpfOptions}.get(self.get_attr("TCA_KIND"), self.hex)
-
-
-@contextlib.contextmanager
-def _netns(netns: str) -> Iterator[NetNS]:
-    """A pyroute2 NetNS whose filter messages decode with the classes above."""
-    if not netns or "/" in netns or not (NETNS_DIR / netns).exists():
-        raise VmShapeError(f"network namespace {netns!r} does not exist ({NETNS_DIR})")
-    try:
-        ns = NetNS(netns, flags=0)  # never create it (pyroute2's default is O_CREAT)
-    except (OSError, NetlinkError) as exc:
-        raise VmShapeError(f"cannot open network namespace {netns!r}: {exc}") from exc
-    try:
-        ns.marshal.msg_map[RTM_NEWTFILTER] = _TcMsg  # this socket's own parser table
-        yield ns
-    finally:
-        ns.close()
-
-
-def _request(ns: NetNS, msg: nlmsg, msg_type: int, flags: int) -> list[nlmsg]:
-    msg["header"]["type"] = msg_type
-    msg["header"]["flags"] = flags
-    return list(ns.nlm_request_batch([msg]))
-
-
-def _filter_msg(index: int, prio: int, protocol: int, kind: str | None = None) -> _TcMsg:
-    msg = _TcMsg()
-    msg["index"] = index
-    msg["parent"] = TC_H_INGRESS_HOOK
-    msg["info"] = (prio << 16) | htons(protocol)
-    msg["attrs"] = [["TCA_KIND", kind]] if kind else []
-    return msg
-
-
-def _add_filter(ns: NetNS, index: int, prio: int, protocol: int, kind: str,
-                options: list[list[Any]]) -> None:
-    msg = _filter_msg(index, prio, protocol, kind)
-    msg["attrs"].append(["TCA_OPTIONS", {"attrs": options}])
-    _request(ns, msg, RTM_NEWTFILTER, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
-
-
-def _del_prio(ns: NetNS, index: int, prio: int, protocol: int) -> None:
-    """Delete every filter at `prio` on the ingress hook (no error if there is none)."""
-    try:
-        _request(ns, _filter_msg(index, prio, protocol), RTM_DELTFILTER,
-                 NLM_F_REQUEST | NLM_F_ACK)
-    except NetlinkError as exc:
-        if exc.code not in (errno.ENOENT, errno.EINVAL):
-            raise
-
-
 @dataclass
 class _Filter:
     """One of our filters as read back from the kernel."""
@@ -552,24 +369,11 @@ class _Filter:
     digest: str | None = None  # bpf: Launcher.digest() the program was compiled with
 
 
-def _dump_filters(ns: NetNS, index: int) -> list[_TcMsg]:
-    msg = _TcMsg()
-    msg["index"] = index
-    msg["parent"] = TC_H_INGRESS_HOOK
-    try:
-        return [m for m in _request(ns, msg, RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP)
-                if isinstance(m, _TcMsg)]
-    except NetlinkError as exc:
-        if exc.code in (errno.EINVAL, errno.ENOENT):  # no ingress/clsact qdisc
-            return []
-        raise
-
-
 def _read_filters(ns: NetNS, index: int) -> tuple[list[_Filter], list[int]]:
     """Our filters (reserved prios) on the ingress hook, and the prios of anyone else's."""
     ours: list[_Filter] = []
     foreign: set[int] = set()
-    for msg in _dump_filters(ns, index):
+    for msg in tc.dump_filters(ns, index):
         prio, protocol = msg["info"] >> 16, ntohs(msg["info"] & 0xFFFF)
         if prio not in OUR_PRIOS:
             foreign.add(prio)
@@ -613,12 +417,20 @@ def _read_filters(ns: NetNS, index: int) -> tuple[list[_Filter], list[int]]:
     return ours, sorted(foreign)
 
 
-def _qdisc_kind(ns: NetNS, index: int) -> str | None:
-    """Kind of the qdisc at ffff: (ingress or clsact) on `index`, or None."""
-    for q in ns.get_qdiscs(index=index):
-        if q["index"] == index and q["handle"] == 0xFFFF0000:
-            return q.get_attr("TCA_KIND")
-    return None
+@contextlib.contextmanager
+def _netns(netns: str) -> Iterator[NetNS]:
+    """A pyroute2 NetNS of an existing namespace whose filter messages decode with tc.TcMsg."""
+    if not netns or "/" in netns or not (NETNS_DIR / netns).exists():
+        raise VmShapeError(f"network namespace {netns!r} does not exist ({NETNS_DIR})")
+    try:
+        ns = NetNS(netns, flags=0)  # never create it (pyroute2's default is O_CREAT)
+    except (OSError, NetlinkError) as exc:
+        raise VmShapeError(f"cannot open network namespace {netns!r}: {exc}") from exc
+    try:
+        tc.use_tc_parser(ns)
+        yield ns
+    finally:
+        ns.close()
 
 
 # --- filters per datapath ------------------------------------------------------------------
@@ -633,12 +445,12 @@ def _install_mirror(ns: NetNS, dev: Link, peer: Link, state: _State,
     sends a frame over the bridge, which still forwards it: the error is on the safe side.
     """
     for prio, protocol, keys in _pass_rules(launcher):
-        _add_filter(ns, dev.index, prio, protocol, "u32", [
+        tc.add_filter(ns, dev.index, prio, protocol, "u32", [
             ["TCA_U32_CLASSID", CLASSID_PASS],
             ["TCA_U32_SEL", {"keys": list(keys)}],
         ])
     redirect = {"direction": "egress", "action": "redirect", "ifindex": peer.index}
-    _add_filter(ns, dev.index, PRIO_MIRROR, ETH_P_ALL, "u32", [
+    tc.add_filter(ns, dev.index, PRIO_MIRROR, ETH_P_ALL, "u32", [
         ["TCA_U32_CLASSID", CLASSID_PASS],
         ["TCA_U32_SEL", {"keys": [(0, 0, 0)]}],
         ["TCA_U32_ACT", {"attrs": [["TCA_ACT_PRIO_1", {"attrs": [
@@ -650,7 +462,7 @@ def _install_mirror(ns: NetNS, dev: Link, peer: Link, state: _State,
 
 
 def _install_bpf(ns: NetNS, dev: Link, fd: int, state: _State, launcher: Launcher) -> None:
-    _add_filter(ns, dev.index, PRIO_BPF, ETH_P_ALL, "bpf", [
+    tc.add_filter(ns, dev.index, PRIO_BPF, ETH_P_ALL, "bpf", [
         ["TCA_BPF_FD", fd],
         ["TCA_BPF_NAME", f"{BPF_NAME_PREFIX}{state.encode().hex()}:{launcher.digest()}"],
         ["TCA_BPF_FLAGS", 1],  # TCA_BPF_FLAG_ACT_DIRECT
@@ -660,7 +472,7 @@ def _install_bpf(ns: NetNS, dev: Link, fd: int, state: _State, launcher: Launche
 def _remove_filters(ns: NetNS, index: int) -> None:
     # The redirect first, so no frame is redirected that a pass filter should have kept.
     for prio, proto in _PRIO_PROTOCOLS:
-        _del_prio(ns, index, prio, proto)
+        tc.delete_prio(ns, index, prio, proto)
 
 
 def _bpf_cflags(devs: Devices, launcher: Launcher) -> list[str]:
@@ -810,7 +622,7 @@ def _restore_device(ns: NetNS, netns: str, dev: Link, state: _State | None) -> d
     if state.features_off:
         _set_features(netns, dev.name, state.features_off, True)
         done["features_on"] = list(state.features_off)
-    if state.created_qdisc and _qdisc_kind(ns, dev.index) is not None:
+    if state.created_qdisc and tc.ingress_qdisc_kind(ns, dev.index) is not None:
         if foreign:  # someone else put filters on the qdisc we made: leave it to them
             done["kept_qdisc_for_prios"] = foreign
         else:
@@ -820,7 +632,7 @@ def _restore_device(ns: NetNS, netns: str, dev: Link, state: _State | None) -> d
 
 
 def accelerate(netns: str, interface: str = "eth0", datapath: str = "mirror",
-               checksum: str = "off") -> dict[str, Any]:
+               checksum: str = "keep") -> dict[str, Any]:
     """Redirect tap <-> veth around the bridge (DHCP excepted); return the new status.
 
     Idempotent: when the requested setup is already in place nothing is touched. Filters
@@ -842,7 +654,7 @@ def accelerate(netns: str, interface: str = "eth0", datapath: str = "mirror",
         for dev, peer in pairs:
             filters, _ = _read_filters(ns, dev.index)
             old = _device_state(filters)
-            qdisc = _qdisc_kind(ns, dev.index)
+            qdisc = tc.ingress_qdisc_kind(ns, dev.index)
             created = old.created_qdisc if old else qdisc is None
             off = set(old.features_off) if old else set()
             if checksum == "off":
@@ -899,7 +711,7 @@ def _merge_for_rollback(want: _State, old: _State | None) -> _State:
 def _apply_device(ns: NetNS, netns: str, dev: Link, peer: Link, want: _State,
                   old: _State | None, filters: list[_Filter], bpf_fd: int | None,
                   launcher: Launcher) -> None:
-    if _qdisc_kind(ns, dev.index) is None:
+    if tc.ingress_qdisc_kind(ns, dev.index) is None:
         ns.tc("add", "clsact", index=dev.index)
     # Replace our filters (if any). Between the delete and the add the bridge carries the
     # traffic, which is the normal path, so the gap is harmless.
@@ -1006,7 +818,7 @@ def _status(ns: NetNS, netns: str, interface: str, devs: Devices) -> dict[str, A
         "filters": filters_out,
         "launcher": launcher.as_dict(),
         "launcher_current": current if datapath else None,
-        "qdiscs": {d.name: _qdisc_kind(ns, d.index) for d in (devs.tap, devs.veth)},
+        "qdiscs": {d.name: tc.ingress_qdisc_kind(ns, d.index) for d in (devs.tap, devs.veth)},
         "state": states,
         "foreign_prios": foreign_prios,
         "offload": {name: {f: v["on"] for f, v in feats.items()}

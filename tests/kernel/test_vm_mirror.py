@@ -237,7 +237,7 @@ def test_flow_bypasses_bridge_then_bridge_again(bed: Testbed, datapath: str) -> 
     with udp_echo(pod.netns, pod.ipv4, 7001):
         assert udp_roundtrips(vm.guest_netns, (pod.ipv4, 7001), 5) == 5  # warm ARP
 
-        st = vm_mirror.accelerate(ns, datapath=datapath)
+        st = vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
         assert st["datapath"] == datapath
         flush_learned(ns)
         assert learned_macs(ns) == set()  # with the datapath on, nothing re-learns them
@@ -286,7 +286,7 @@ def test_dhcp_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
         gns.route("add", dst=f"{BRIDGE_IP}/32", oif=eth0, scope=253)
         gns.neigh("add", dst=BRIDGE_IP, lladdr=mac_of(ns, "k6t-eth0"), ifindex=eth0,
                   state=NUD_PERMANENT)
-    vm_mirror.accelerate(ns, datapath=datapath)
+    vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
     unicast = _bridge_listener(ns, BRIDGE_IP, 67)
     broadcast = _bridge_listener(ns, "0.0.0.0", 67)  # what a DHCP server binds
     other = _bridge_listener(ns, "0.0.0.0", 9999)
@@ -378,7 +378,7 @@ def test_launcher_addresses_resolve_and_answer(bed: Testbed, datapath: str) -> N
     with NetNS(ns) as lns:  # so the launcher can answer the pod at all
         lns.route("add", dst=f"{pod.ipv4}/32", oif=lns.link_lookup(ifname="k6t-eth0")[0],
                   scope=253)
-    st = vm_mirror.accelerate(ns, datapath=datapath)
+    st = vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
     assert st["launcher"]["mac"] == bridge_mac and BRIDGE_IP in st["launcher"]["ipv4"]
     assert st["launcher_current"] is True
     assert neighbour(guest, BRIDGE_IP) == (None, 0)
@@ -410,21 +410,21 @@ def test_reapply_follows_bridge_addresses(bed: Testbed, datapath: str) -> None:
     ns, guest = vm.launcher_netns, vm.guest_netns
     server_ip = vm.ipv4.rsplit(".", 1)[0] + ".250"  # like the testbed's DHCP server address
     original = snapshot(ns)
-    st = vm_mirror.accelerate(ns, datapath=datapath)
+    st = vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
     first = snapshot(ns)
     with NetNS(ns) as lns:
         lns.addr("add", index=lns.link_lookup(ifname="k6t-eth0")[0], address=server_ip,
                  prefixlen=24)
     st = vm_mirror.status(ns)
     assert server_ip in st["launcher"]["ipv4"] and st["launcher_current"] is False
-    st = vm_mirror.accelerate(ns, datapath=datapath)
+    st = vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
     assert st["launcher_current"] is True
     second = snapshot(ns)
     assert second != first, "the re-apply was skipped"
     if datapath == "mirror":
         arp = [f for f in st["filters"] if f["role"] == "launcher_arp"]
         assert len(arp) == 4  # 169.254.75.10 and server_ip, on both devices
-    assert vm_mirror.accelerate(ns, datapath=datapath)["launcher_current"] is True
+    assert vm_mirror.accelerate(ns, datapath=datapath, checksum="off")["launcher_current"] is True
     assert snapshot(ns) == second, "a third apply changed something"
     reply = _exchange(guest, "eth0", (vm.ipv4, 68), (server_ip, 67), ns)
     assert reply == b"reply:hello"
@@ -439,7 +439,7 @@ def test_reapply_follows_bridge_addresses(bed: Testbed, datapath: str) -> None:
 def test_dhcpv6_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
     vm = bed.vms[0]
     ns, guest = vm.launcher_netns, vm.guest_netns
-    vm_mirror.accelerate(ns, datapath=datapath)
+    vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
     with in_netns(ns):
         server = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         other = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -470,7 +470,7 @@ def test_restore_is_exact_and_apply_idempotent(bed: Testbed, datapath: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     ns = bed.vms[0].launcher_netns
     original = snapshot(ns)
-    vm_mirror.accelerate(ns, datapath=datapath)
+    vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
     first = snapshot(ns)
     assert first != original
 
@@ -479,7 +479,7 @@ def test_restore_is_exact_and_apply_idempotent(bed: Testbed, datapath: str,
 
     with monkeypatch.context() as mp:
         mp.setattr(vm_mirror, "_apply_device", no_reapply)
-        st = vm_mirror.accelerate(ns, datapath=datapath)
+        st = vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
     assert st["launcher_current"] is True
     assert snapshot(ns) == first, "a second apply changed something"
     launcher = st["launcher"]
@@ -513,7 +513,7 @@ def test_restore_keeps_what_was_there_before(bed: Testbed, qdisc: str) -> None:
         et.set_features("eth0-nic", feats)
         et.close()
     original = snapshot(ns)
-    st = vm_mirror.accelerate(ns, datapath="mirror")
+    st = vm_mirror.accelerate(ns, datapath="mirror", checksum="off")
     assert st["state"]["tap0"]["created_qdisc"] is False
     assert st["state"]["eth0-nic"]["created_qdisc"] is True
     assert "tx-checksum-ip-generic" not in st["state"]["eth0-nic"]["features_off"]
@@ -562,11 +562,11 @@ def test_adopts_after_a_crash(bed: Testbed) -> None:
     ns = bed.vms[0].launcher_netns
     original = snapshot(ns)
     code = ("import sys; from node_helper import vm_mirror; "
-            "vm_mirror.accelerate(sys.argv[1]); import os; os._exit(0)")
+            "vm_mirror.accelerate(sys.argv[1], checksum='off'); import os; os._exit(0)")
     subprocess.run([sys.executable, "-c", code, ns], check=True, timeout=30)
     applied = snapshot(ns)
     assert applied != original
-    st = vm_mirror.accelerate(ns)  # adopt: nothing changes
+    st = vm_mirror.accelerate(ns, checksum="off")  # adopt: nothing changes
     assert st["datapath"] == "mirror"
     assert snapshot(ns) == applied
     vm_mirror.restore(ns)
@@ -587,7 +587,7 @@ def test_failure_midway_rolls_back(bed: Testbed, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(vm_mirror, "_set_features", flaky)
     with pytest.raises(VmDatapathError, match="rolled back"):
-        vm_mirror.accelerate(ns)
+        vm_mirror.accelerate(ns, checksum="off")
     monkeypatch.undo()
     assert snapshot(ns) == original
 
@@ -615,7 +615,7 @@ def test_not_kubevirt_shaped(bed: Testbed, make: Any) -> None:
     before = snapshot(ns)
     for datapath in DATAPATHS:
         with pytest.raises(VmShapeError) as err:
-            vm_mirror.accelerate(ns, datapath=datapath)
+            vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
         assert "k6t-eth0" in str(err.value)
     assert snapshot(ns) == before
 
@@ -642,7 +642,7 @@ def test_real_tap(bed: Testbed) -> None:
     assert devs.tap.name == "tap0" and devs.tap.kind == "tun"
     original = snapshot(ns)
     for datapath in DATAPATHS:
-        st = vm_mirror.accelerate(ns, datapath=datapath)
+        st = vm_mirror.accelerate(ns, datapath=datapath, checksum="off")
         assert st["datapath"] == datapath
         targets = {f["device"]: f["redirect_to"] for f in st["filters"]
                    if f["role"] in ("mirror", "bpf")}
@@ -665,6 +665,6 @@ def test_bad_arguments(bed: Testbed) -> None:
 def test_setup_is_fast(bed: Testbed) -> None:
     ns = bed.vms[0].launcher_netns
     t0 = time.monotonic()
-    vm_mirror.accelerate(ns)
+    vm_mirror.accelerate(ns, checksum="off")
     vm_mirror.restore(ns)
     assert time.monotonic() - t0 < 5
