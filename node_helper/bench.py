@@ -327,7 +327,8 @@ def write_json(rows: Sequence[Row], path: Path | TextIO, meta: dict[str, Any]) -
 
 
 def plot(rows: Sequence[Row], path: Path, title: str,
-         baseline_label: str = "kernel path (baseline)") -> None:
+         baseline_label: str = "kernel path (baseline)",
+         accelerated_label: str = "accelerated") -> None:
     """One panel per test: absolute figures against message size (log x), two per row."""
     import matplotlib
 
@@ -348,7 +349,7 @@ def plot(rows: Sequence[Row], path: Path, title: str,
         for variant in dict.fromkeys(r.variant for r in sel):
             pts = {r.msg_size: r for r in sel if r.variant == variant}
             ax.plot(sizes, [pts[s].accelerated for s in sizes], "s-",
-                    label=variant or "accelerated")
+                    label=variant or accelerated_label)
         if any(r.floor is not None for r in sel):
             ax.plot(sizes, [first[s].floor for s in sizes], "^--", label="AF_UNIX floor")
         ax.set_xscale("log", base=2)

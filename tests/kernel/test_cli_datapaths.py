@@ -33,11 +33,14 @@ def test_vm_accelerate_status_restore(bed: Testbed) -> None:
     status = json.loads(netaccel("vm", "status", "--netns", ns, "--json").stdout)
     assert status["devices"]["tap"]["name"] == "tap0"
     assert status["devices"]["veth"]["name"] == "eth0-nic"
-    for dev in ("tap0", "eth0-nic"):  # --checksum defaults to off
-        assert status["offload"][dev]["rx-checksum"] is False
-        assert status["offload"][dev]["tx-checksum-ip-generic"] is False
-    off = netaccel("vm", "restore", "--netns", ns)
+    assert status["offload"]["eth0-nic"]["tx-checksum-ip-generic"] is True  # default: keep
+    off = netaccel("vm", "accelerate", "--netns", ns, "--checksum", "off", "--json")
     assert off.returncode == 0, off.stderr
+    for dev in ("tap0", "eth0-nic"):
+        assert json.loads(off.stdout)["offload"][dev]["rx-checksum"] is False
+        assert json.loads(off.stdout)["offload"][dev]["tx-checksum-ip-generic"] is False
+    restored = netaccel("vm", "restore", "--netns", ns)
+    assert restored.returncode == 0, restored.stderr
     assert json.loads(netaccel("vm", "status", "--netns", ns, "--json").stdout)["datapath"] is None
 
 
