@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,24 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING = 0, 1, 2, 3
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def _show(data: dict[str, Any], as_json: bool, indent: int = 0) -> None:
+    """A status as JSON, or as an indented key/value listing for people."""
+    if as_json:
+        _print_json(data)
+        return
+    width = max((len(k) for k in data), default=0)
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            print(f"{' ' * indent}{key}:")
+            _show(value, False, indent + 2)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            print(f"{' ' * indent}{key}:")
+            for item in value:
+                print(f"{' ' * (indent + 2)}- " + json.dumps(item, default=str))
+        else:
+            print(f"{' ' * indent}{key:{width}s}  {value}")
 
 
 # --- doctor ------------------------------------------------------------------
@@ -106,12 +125,7 @@ def cmd_bypass(args: argparse.Namespace) -> int:
         sockets.disable()
         print("socket bypass off: nothing of netaccel is attached", file=sys.stderr)
         return EXIT_OK
-    status = sockets.status()
-    if args.json:
-        _print_json(status)
-    else:
-        for key, value in status.items():
-            print(f"{key:18s} {value}")
+    _show(sockets.status(), args.json)
     return EXIT_OK
 
 
@@ -132,12 +146,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         vm_mirror.restore(args.netns, args.interface)
         print(f"{args.netns}/{args.interface}: restored", file=sys.stderr)
         return EXIT_OK
-    status = vm_mirror.status(args.netns, args.interface)
-    if args.json:
-        _print_json(status)
-    else:
-        for key, value in status.items():
-            print(f"{key:14s} {value}")
+    _show(vm_mirror.status(args.netns, args.interface), args.json)
     return EXIT_OK
 
 
@@ -227,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `netaccel ... | head` ends quietly
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
