@@ -1,8 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * VM datapath, "bpf" variant: tc ingress programs (cls_bpf, direct-action mode) that move
- * every frame straight between a KubeVirt VM's tap and the pod's veth with bpf_redirect(),
- * skipping the in-pod bridge (k6t-<name>).
+ * every frame straight between a KubeVirt VM's tap and the pod's veth, skipping the in-pod
+ * bridge (k6t-<name>):
+ *  - veth -> tap: bpf_redirect() to the tap's egress (towards QEMU / the guest);
+ *  - tap -> veth: bpf_redirect_peer() (kernel >= 5.10, tc ingress only) when REDIRECT_PEER
+ *    is 1: the frame goes straight into the ingress of the veth's peer (the node side, in
+ *    another netns), as if the peer had received it, skipping the veth's transmit path
+ *    (veth_xmit) and the softirq hop through the CPU's backlog queue; the veth's own tx
+ *    counters do not see these frames, the peer's rx counters do. With REDIRECT_PEER 0
+ *    (user space decides: the pod device is not a veth, or its peer is in the same netns,
+ *    where the kernel would drop the frame) it is bpf_redirect() to the veth's egress.
  *
  * Exception: what is meant for the launcher itself must still reach the bridge:
  *  - DHCP (UDP dport 67/68) and DHCPv6 (UDP dport 546/547): virt-launcher's DHCP server
@@ -18,6 +26,7 @@
  *
  * Compiled by bcc at run time (node_helper/vm_mirror.py, _bpf_cflags) with:
  *   -DTAP_IFINDEX=<n> -DVETH_IFINDEX=<n>   the two bridge ports in the launcher netns
+ *   -DREDIRECT_PEER=0|1                    tap -> veth by bpf_redirect_peer (see above)
  *   -DBRIDGE_HAS_MAC=0|1 -DBRIDGE_MAC_HI=<bytes 0-3> -DBRIDGE_MAC_LO=<bytes 4-5>
  *                                          the bridge's MAC as host-order integers
  *   -D'IS_BRIDGE_IP4(a)=(0||(a)==0x...U||...)'
@@ -38,6 +47,9 @@
 #ifndef VETH_IFINDEX
 #error "VETH_IFINDEX must be defined"
 #endif
+#ifndef REDIRECT_PEER
+#define REDIRECT_PEER 0
+#endif
 #ifndef BRIDGE_HAS_MAC
 #define BRIDGE_HAS_MAC 0
 #define BRIDGE_MAC_HI 0
@@ -54,7 +66,7 @@
 #define ICMPV6_NEIGHBOUR_SOLICITATION 135
 
 /* Counter slots; keep in sync with COUNTER_SLOTS in node_helper/vm_mirror.py. */
-#define SLOT_TAP_TO_VETH 0   /* redirected tap -> veth */
+#define SLOT_TAP_TO_VETH 0   /* redirected tap -> veth (to the peer's ingress or egress) */
 #define SLOT_VETH_TO_TAP 1   /* redirected veth -> tap */
 #define SLOT_TAP_TO_BRIDGE 2 /* from the guest, passed to the bridge (DHCP, launcher) */
 #define SLOT_VETH_TO_BRIDGE 3 /* from the pod side, passed to the bridge (DHCP, launcher) */
@@ -168,6 +180,14 @@ int tap_to_veth(struct __sk_buff *skb)
         return TC_ACT_OK;
     }
     count(SLOT_TAP_TO_VETH, skb);
+    if (REDIRECT_PEER)
+        /* Ingress of the veth's peer (the node side): the frame arrives there as if the
+         * veth had sent it, without the veth_xmit + backlog queue hop. The kernel scrubs
+         * the skb (netns switch) and re-runs the receive path on the peer; it drops the
+         * frame if the target has no peer (not a veth/netkit), the peer is down or in this
+         * same netns - hence the decision in user space. bcc's helpers.h declares the
+         * helper (BPF_FUNC_redirect_peer, id 155, in the 6.1 uapi headers too). */
+        return bpf_redirect_peer(VETH_IFINDEX, 0);
     /* Egress of the veth: the frame leaves towards the node as if the bridge had
      * forwarded it. */
     return bpf_redirect(VETH_IFINDEX, 0);

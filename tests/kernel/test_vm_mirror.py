@@ -28,7 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from node_helper import testbed as testbed_mod
 from node_helper import vm_mirror
 from node_helper.kernel import NETNS_DIR, in_netns
-from node_helper.testbed import Testbed
+from node_helper.testbed import Testbed, link_stats
 from node_helper.vm_mirror import VmDatapathError, VmShapeError
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
@@ -257,6 +257,55 @@ def test_flow_bypasses_bridge_then_bridge_again(bed: Testbed, datapath: str) -> 
         assert macs <= learned_macs(ns), "the bridge did not carry the flow after restore"
 
 
+def test_bpf_guest_to_pod_skips_the_veth_transmit(bed: Testbed) -> None:
+    """bpf, tap -> veth: bpf_redirect_peer puts the guest's frames straight into the ingress
+    of eth0-nic's peer on the node (vm0), so vm0's rx counters rise by the flow while
+    eth0-nic's tx counters (veth_xmit) stay flat. With an egress redirect (the mirror
+    datapath) the same flow is counted by both."""
+    vm, pod = bed.vms[0], bed.pods[0]
+    ns, count = vm.launcher_netns, 200
+
+    def deltas(datapath: str) -> tuple[int, int]:
+        st = vm_mirror.accelerate(ns, datapath=datapath)
+        assert st["state"]["tap0"]["redirect_peer"] is (datapath == "bpf")
+        assert st["state"]["eth0-nic"]["redirect_peer"] is False  # veth -> tap: egress
+        nic, node = link_stats(ns, vm.veth), link_stats(bed.node_netns, vm.host_veth)
+        assert udp_roundtrips(vm.guest_netns, (pod.ipv4, 7001), count) == count
+        after = vm_mirror.status(ns)["directions"]["tap_to_veth"]["packets"]
+        assert after >= count  # the program still counts what it redirects
+        nic2, node2 = link_stats(ns, vm.veth), link_stats(bed.node_netns, vm.host_veth)
+        vm_mirror.restore(ns)
+        return nic2["tx_packets"] - nic["tx_packets"], node2["rx_packets"] - node["rx_packets"]
+
+    with udp_echo(pod.netns, pod.ipv4, 7001):
+        assert udp_roundtrips(vm.guest_netns, (pod.ipv4, 7001), 5) == 5  # warm ARP
+        nic_tx, node_rx = deltas("bpf")
+        assert node_rx >= count
+        assert nic_tx < count // 10, f"eth0-nic transmitted {nic_tx} frames of the flow"
+        nic_tx, node_rx = deltas("mirror")
+        assert node_rx >= count and nic_tx >= count
+
+
+def test_bpf_redirect_peer_needs_a_peer_in_another_netns(bed: Testbed) -> None:
+    """With eth0-nic's peer in the launcher netns itself (the kernel would drop a peer
+    redirect), accelerate falls back to bpf_redirect to the egress; a re-apply follows."""
+    vm = bed.vms[0]
+    ns = vm.launcher_netns
+    assert vm_mirror.accelerate(ns, datapath="bpf")["state"]["tap0"]["redirect_peer"] is True
+    with NetNS(bed.node_netns) as node:
+        node.link("set", index=node.link_lookup(ifname=vm.host_veth)[0], net_ns_fd=ns)
+    with NetNS(ns) as lns:
+        assert vm_mirror.redirect_peer_possible(lns, vm_mirror.find_devices(ns).veth) is False
+    st = vm_mirror.accelerate(ns, datapath="bpf")
+    assert st["datapath"] == "bpf" and st["state"]["tap0"]["redirect_peer"] is False
+    assert st["launcher_current"] is True
+    progs = [f["prog_id"] for f in st["filters"]]
+    again = vm_mirror.accelerate(ns, datapath="bpf")  # idempotent in the fallback too
+    assert [f["prog_id"] for f in again["filters"]] == progs
+    vm_mirror.restore(ns)
+    assert vm_mirror.status(ns)["datapath"] is None
+
+
 def _bridge_listener(ns: str, addr: str, port: int) -> socket.socket:
     with in_netns(ns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -312,6 +361,8 @@ def test_dhcp_reaches_the_bridge(bed: Testbed, datapath: str) -> None:
         assert st["directions"]["tap_to_veth"]["packets"] - before >= 1
         if datapath == "bpf":  # the mirror's u32 keeps no per-filter counters on this kernel
             assert st["directions"]["bridge_passed"]["packets"] >= 3
+            # ... and that with the rest going by bpf_redirect_peer (see the test below).
+            assert st["state"]["tap0"]["redirect_peer"] is True
     finally:
         for sock in (client, unicast, broadcast, other):
             sock.close()
