@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +95,21 @@ def netns_argv(name: str, argv: list[str] | tuple[str, ...]) -> list[str]:
     if not target.exists():
         raise FileNotFoundError(f"network namespace {name!r} does not exist ({target})")
     return ["nsenter", f"--net={target}", "--", *argv]
+
+
+def remove_netns(name: str) -> None:
+    """Kill every process inside the named network namespace, then remove it.
+
+    Processes still running inside would keep the namespace (and its links) alive after
+    the name is gone. Quietly does nothing for a namespace that does not exist.
+    """
+    from pyroute2 import netns
+
+    for pid in netns.ns_pids().get(name, []):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        netns.remove(name)
 
 
 # --- bcc and kernel headers ------------------------------------------------

@@ -50,10 +50,9 @@ from types import TracebackType
 from xml.sax.saxutils import escape, quoteattr
 
 from pyroute2 import IPRoute, NetNS
-from pyroute2 import netns as pyroute2_netns
 
 from node_helper.guest_image import DEFAULT_CMDLINE, GuestImage, build_guest_image
-from node_helper.kernel import NETNS_DIR, netns_argv
+from node_helper.kernel import NETNS_DIR, netns_argv, remove_netns
 
 __all__ = [
     "DhcpServer",
@@ -700,11 +699,7 @@ def cleanup_stale(prefix: str = TEST_PREFIX) -> list[str]:
     netns_names = [p.name for p in NETNS_DIR.iterdir()] if NETNS_DIR.exists() else []
     for name in netns_names:
         if name.startswith(prefix) and not is_claimed(name):
-            for pid in pyroute2_netns.ns_pids().get(name, []):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                pyroute2_netns.remove(name)
+            remove_netns(name)
             removed.add(name)
     for directory in (RUN_DIR, CLAIM_DIR):
         if directory.exists():

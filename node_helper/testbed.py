@@ -20,15 +20,12 @@ created; `destroy()` removes them all, and so does `destroy_all()` after a crash
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import json
-import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -40,7 +37,7 @@ from typing import Any
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_helper.kernel import NETNS_DIR, netns_argv
+from node_helper.kernel import NETNS_DIR, netns_argv, remove_netns
 
 PREFIX = "na"
 TAP_STANDIN_ALIAS = "netaccel-testbed-tap"
@@ -363,7 +360,7 @@ def destroy_number(number: int) -> None:
     for name in netns.listnetns():
         m = _NS_RE.match(name)
         if m and int(m.group(1)) == number:
-            _remove_netns(name)
+            remove_netns(name)
     # dnsmasq's work dirs of the QEMU guests' DHCP servers
     for workdir in Path(tempfile.gettempdir()).glob(f"netaccel-dhcp-{PREFIX}{number}-vm*"):
         shutil.rmtree(workdir, ignore_errors=True)
@@ -425,18 +422,6 @@ def _new_netns(name: str) -> None:
     for key in ("all", "default"):
         write_sysctl(name, f"net/ipv6/conf/{key}/accept_dad", "0")
     write_sysctl(name, "net/ipv4/conf/all/arp_ignore", "1")
-
-
-def _remove_netns(name: str) -> None:
-    # Processes still running inside would keep the namespace alive; the link teardown
-    # happens when the last reference goes. Kill what we started there first.
-    for pid in netns.ns_pids().get(name, []):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    try:
-        netns.remove(name)
-    except OSError:
-        pass
 
 
 def write_sysctl(netns_name: str, key: str, value: str) -> None:

@@ -6,10 +6,8 @@ afterwards, also when the test fails.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import uuid
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import NetNS, netns
 
-from node_helper.kernel import in_netns
+from node_helper.kernel import in_netns, remove_netns
 
 BRIDGE = "k6t-eth0"  # KubeVirt's in-pod bridge for the pod network's interface
 
@@ -80,11 +78,7 @@ def launcher_netns(unique_name: str) -> Iterator[str]:
             ns.link("set", index=ns.link_lookup(ifname=BRIDGE)[0], state="up")
         yield name
     finally:
-        for pid in netns.ns_pids().get(name, []):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            netns.remove(name)
+        remove_netns(name)
         release(name)
 
 
