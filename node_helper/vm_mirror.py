@@ -24,7 +24,8 @@ written into the filters/program: addresses added (or a MAC changed) later need 
 `accelerate` is idempotent and compares the installed rules with the bridge's current MAC and
 address set, so a re-apply updates them exactly when they differ.
 
-Two datapaths, same rule:
+Two datapaths, same rule ("bpf" is the default: measured fastest on UDP, see docs/results/;
+"mirror" needs no compiler or kernel headers):
 - "mirror": u32 filters only (this kernel has no gact/flower/matchall). At priorities
   PRIO_LAUNCHER_MAC..PRIO_DHCP6 u32 filters match the frames above with a classid and no
   action: that ends classification "OK" and the frame goes on to the bridge. At PRIO_MIRROR
@@ -51,7 +52,7 @@ Two datapaths, same rule:
 
 Optionally (checksum="off") rx/tx checksum offload is turned off on both ports. The default
 is "keep": measured on the testbed (docs/results/bench-vm.*), turning it off bought UDP
-nothing measurable and cost TCP at >= 4 KiB 22-31 % throughput (no TSO/GSO without it).
+nothing measurable and cost TCP at >= 4 KiB 19-34 % throughput (no TSO/GSO without it).
 
 Where the restore state lives (in the kernel, no file): every device carries its own
 16-byte record (`_State`) saying which datapath is in place, whether netaccel created the
@@ -663,7 +664,7 @@ def _restore_device(ns: NetNS, netns: str, dev: Link, state: _State | None) -> d
     return done
 
 
-def accelerate(netns: str, interface: str = "eth0", datapath: str = "mirror",
+def accelerate(netns: str, interface: str = "eth0", datapath: str = "bpf",
                checksum: str = "keep") -> dict[str, Any]:
     """Redirect tap <-> veth around the bridge (DHCP excepted); return the new status.
 

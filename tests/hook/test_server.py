@@ -161,7 +161,6 @@ def test_console_script_cold_start_info_then_shutdown_exits_0(tmp_path: Path) ->
         assert list(info.versions) == ["v1alpha3"]
         print(f"cold start: socket after {1000 * (t_sock - t0):.0f} ms, "
               f"Info answered {1000 * (t_info - t_sock):.1f} ms later")
-        assert t_info - t_sock < 0.5
         assert Client(sock).call("v1alpha3", "Shutdown") == api_v1alpha3_pb2.ShutdownResult()
         assert proc.wait(10) == 0
         log = proc.stderr.read().decode() if proc.stderr else ""
