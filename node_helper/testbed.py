@@ -21,7 +21,6 @@ created; `destroy()` removes them all, and so does `destroy_all()` after a crash
 from __future__ import annotations
 
 import errno
-import ipaddress
 import json
 import random
 import re
@@ -480,11 +479,3 @@ def wait_for_port(netns_name: str, port: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise TestbedError(f"nothing listens on port {port} in {netns_name} after {timeout}s")
-
-
-def is_testbed_address(address: str) -> bool:
-    """True for addresses inside the testbeds' reserved ranges."""
-    ip = ipaddress.ip_address(address)
-    return ip in ipaddress.ip_network("10.251.0.0/16") or ip in ipaddress.ip_network(
-        "fd00:6e61::/32"
-    )
