@@ -22,18 +22,22 @@ class KernelFeatureError(RuntimeError):
     """A kernel or host requirement is missing; the message says what to do."""
 
 
+def mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> Iterator[tuple[str, Path, str]]:
+    """(root within the filesystem, mount point, filesystem type) of every mount."""
+    for line in mountinfo.read_text().splitlines():
+        # "<id> <parent> <maj:min> <root> <mount point> <opts> ... - <fstype> <source> <sopts>"
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        yield fields[3], Path(fields[4]), right.split()[0]
+
+
 def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
     """Return the mount point of the cgroup v2 hierarchy, read from mountinfo.
 
     On hybrid hosts this is /sys/fs/cgroup/unified, on unified hosts /sys/fs/cgroup.
     """
-    roots = []
-    for line in mountinfo.read_text().splitlines():
-        # "<id> <parent> <maj:min> <root> <mount point> <opts> ... - <fstype> <source> <sopts>"
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if right.split()[0] == "cgroup2" and fields[3] == "/":
-            roots.append(Path(fields[4]))
+    roots = [point for root, point, fstype in mounts(mountinfo)
+             if fstype == "cgroup2" and root == "/"]
     if not roots:
         raise KernelFeatureError(
             "no cgroup v2 hierarchy is mounted; mount one with "
@@ -57,11 +61,7 @@ def ensure_bpffs(path: Path = BPFFS) -> Path:
 
 
 def _is_bpffs(path: Path) -> bool:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        if left.split()[4] == str(path) and right.split()[0] == "bpf":
-            return True
-    return False
+    return any(point == path and fstype == "bpf" for _, point, fstype in mounts())
 
 
 @contextlib.contextmanager
