@@ -287,6 +287,20 @@ class Testbed:
             if vm.guest_kind == "qemu":
                 qemu_guest.resume_guest(vm.extra["domain"])
 
+    def qemu_guest(self, vm: Vm):  # noqa: ANN201 - a qemu_guest.QemuGuest
+        """A handle on a QEMU VM's running guest (console, wait_for, logs)."""
+        from node_helper import qemu_guest
+
+        if vm.guest_kind != "qemu":
+            raise TestbedError(f"{vm.name} has no QEMU guest (guest kind {vm.guest_kind})")
+        name = vm.extra["domain"]
+        return qemu_guest.QemuGuest(
+            name=name, netns=vm.launcher_netns, bridge=vm.bridge, tap=vm.tap,
+            host_tap=qemu_guest.host_tap_name(name), run_dir=qemu_guest.RUN_DIR / name,
+            console_log=Path(vm.extra.get("console_log") or qemu_guest.RUN_DIR / name /
+                             "console.log"),
+            mac=vm.extra.get("mac"))
+
     def _add_qemu_vm(self, j: int, paused: bool = False) -> None:
         """A launcher netns, dnsmasq on k6t-eth0, and a QEMU guest on a real tap0.
 

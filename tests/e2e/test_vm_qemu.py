@@ -92,18 +92,11 @@ def accelerated_qemu_bed(request: pytest.FixtureRequest, libvirt_ready: None,
 
 
 def _console(bed: Testbed) -> str:
-    return Path(bed.vms[0].extra["console_log"]).read_text(errors="replace")
+    return bed.qemu_guest(bed.vms[0]).console()
 
 
 def _wait_console(bed: Testbed, pattern: str, timeout: float, since: int = 0) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = re.compile(pattern).search(_console(bed), since)
-        if m:
-            return m
-        time.sleep(0.2)
-    tail = _console(bed)[-2000:]
-    raise AssertionError(f"no {pattern!r} on the console after {timeout}s:\n{tail}")
+    return bed.qemu_guest(bed.vms[0]).wait_for(pattern, timeout, since)
 
 
 def test_dhcp_lease_and_renewal_through_the_datapath(
