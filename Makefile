@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/netaccel bench pods --json demo-pods.json --plot demo-pods.png
+	$(VENV)/bin/netaccel-lab bench pods --json demo-pods.json --plot demo-pods.png
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -18,5 +18,5 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	-$(VENV)/bin/netaccel testbed down --all
+	-$(VENV)/bin/netaccel-lab testbed down --all
 	-$(VENV)/bin/netaccel bypass off

@@ -91,7 +91,7 @@ from node_helper import bpf_syscall
 from node_helper import tc_netlink as tc
 from node_helper.kernel import NETNS_DIR, ensure_bcc_headers, import_bcc, in_netns
 
-# The alias node_helper.testbed puts on its veth stand-in for QEMU's tap (kept equal there;
+# The alias lab.testbed puts on its veth stand-in for QEMU's tap (kept equal there;
 # the datapath does not import the testbed).
 TAP_STANDIN_ALIAS = "netaccel-testbed-tap"
 

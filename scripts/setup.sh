@@ -53,10 +53,13 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc, libvirt' 2>/d
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  log "installing the package and its Python dependencies into .venv"
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[node,dev]'
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ lab/pyproject.toml -nt "$STAMP" ] \
+    || [ ! -x .venv/bin/netaccel-lab ]; then
+  log "installing the agent, the lab and their Python dependencies into .venv"
+  {
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[node,dev]' -e ./lab
+  } >.venv/pip-install.log 2>&1 || { tail -n 40 .venv/pip-install.log; exit 1; }
   touch "$STAMP"
 fi
 

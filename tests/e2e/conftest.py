@@ -42,7 +42,7 @@ def libvirt_ready() -> None:
     reason = _e2e_unavailable()
     if reason:
         pytest.skip(reason)
-    from node_helper.qemu_guest import TEST_PREFIX, cleanup_stale, ensure_libvirtd
+    from lab.qemu_guest import TEST_PREFIX, cleanup_stale, ensure_libvirtd
 
     ensure_libvirtd()
     cleanup_stale(TEST_PREFIX)
@@ -51,14 +51,14 @@ def libvirt_ready() -> None:
 @pytest.fixture(scope="session")
 def guest_image(libvirt_ready: None):  # noqa: ANN201 - a GuestImage
     """The cached test guest (kernel + initramfs); built on first use."""
-    from node_helper.qemu_guest import build_guest_image
+    from lab.qemu_guest import build_guest_image
 
     return build_guest_image()
 
 
 @pytest.fixture
 def unique_name() -> str:
-    from node_helper.qemu_guest import TEST_PREFIX
+    from lab.qemu_guest import TEST_PREFIX
 
     return TEST_PREFIX + uuid.uuid4().hex[:8]
 
@@ -66,7 +66,7 @@ def unique_name() -> str:
 @pytest.fixture
 def launcher_netns(unique_name: str) -> Iterator[str]:
     """A virt-launcher-like network namespace holding an (up) bridge named k6t-eth0."""
-    from node_helper.qemu_guest import claim, release
+    from lab.qemu_guest import claim, release
 
     name = unique_name
     claim(name)  # a parallel session's cleanup_stale() leaves it alone

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from pyroute2 import IPRoute, netns
 
-from node_helper.qemu_guest import (
+from lab.qemu_guest import (
     TEST_PREFIX,
     cleanup_stale,
     domain_names,
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 CRASHING_RUN = textwrap.dedent("""
     import sys, time
     from pyroute2 import NetNS, netns
-    from node_helper.qemu_guest import DhcpServer, claim, kubevirt_domain_xml, start_guest
+    from lab.qemu_guest import DhcpServer, claim, kubevirt_domain_xml, start_guest
     name = sys.argv[1]
     claim(name)
     netns.create(name)

@@ -8,7 +8,7 @@ import time
 import pytest
 from pyroute2 import IPRoute, NetNS
 
-from node_helper.qemu_guest import (
+from lab.qemu_guest import (
     QEMU_LOG_DIR,
     DhcpServer,
     domain_names,

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from node_helper.qemu_guest import kubevirt_domain_xml, start_guest
+from lab.qemu_guest import kubevirt_domain_xml, start_guest
 from tests.e2e.conftest import BRIDGE, add_address, udp_socket_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]

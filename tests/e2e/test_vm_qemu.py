@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from lab.testbed import GUEST_UDP_PORT, Testbed
 from node_helper import vm_mirror
 from node_helper.kernel import in_netns
-from node_helper.testbed import GUEST_UDP_PORT, Testbed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from lab.testbed import Pod, Testbed, link_stats
 from node_helper import sockets
 from node_helper.kernel import in_netns
-from node_helper.testbed import Pod, Testbed, link_stats
 
 FAMILIES = ("ipv4", "v4mapped", "ipv6")
 _ports = itertools.count(20000)

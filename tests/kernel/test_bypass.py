@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from lab.testbed import Testbed, popen_in, run_in, wait_for_port
 from node_helper import kernel, sockets
 from node_helper.kernel import KernelFeatureError
-from node_helper.testbed import Testbed, popen_in, run_in, wait_for_port
 
 from .conftest import (
     FAMILIES,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.testbed import Pod, Testbed
 from node_helper import sockets
-from node_helper.testbed import Pod, Testbed
 
 from .conftest import (
     FAMILIES,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from node_helper.testbed import Testbed
+from lab.testbed import Testbed
 
 from .conftest import Bypass, connected_pair, delta
 

@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from pyroute2 import netns
 
+from lab.testbed import Testbed
 from node_helper import sockets
-from node_helper.testbed import Testbed
 
 pytestmark = pytest.mark.kernel
 NETACCEL = [sys.executable, "-m", "node_helper.cli"]
@@ -50,9 +51,18 @@ def test_vm_on_a_pod_netns_is_a_clear_usage_error(bed: Testbed) -> None:
     assert "k6t-eth0" in res.stderr  # says which bridge it looked for
 
 
+def test_bypass_on_needs_explicit_cidrs() -> None:
+    res = netaccel("bypass", "on")
+    assert res.returncode == 2 and "--cidr" in res.stderr
+    bad = netaccel("bypass", "on", "--cidr", "10.251.1.300/32")
+    assert bad.returncode == 2 and "invalid CIDR" in bad.stderr
+    assert sockets.attached_programs() == []
+
+
 def test_bypass_on_status_off_from_separate_processes(bed: Testbed) -> None:
     try:
-        on = netaccel("bypass", "on", "--testbed", str(bed.number), "--json")
+        cidrs = [arg for cidr in bed.pod_cidrs() for arg in ("--cidr", cidr)]
+        on = netaccel("bypass", "on", *cidrs, "--json")
         assert on.returncode == 0, on.stderr
         status = json.loads(netaccel("bypass", "status", "--json").stdout)
         assert status["enabled"] is True
@@ -63,3 +73,11 @@ def test_bypass_on_status_off_from_separate_processes(bed: Testbed) -> None:
         assert sockets.attached_programs() == []
     finally:
         sockets.disable()
+
+
+def test_cli_doctor_passes_here() -> None:
+    res = subprocess.run(NETACCEL + ["doctor", "--json"], capture_output=True, text=True)
+    checks = {c["name"]: c for c in json.loads(res.stdout)}
+    assert res.returncode == 0, res.stdout
+    assert checks["bpf-sockhash"]["ok"] and checks["tc-u32-mirred"]["ok"]
+    assert not [n for n in netns.listnetns() if n.startswith("na-doctor-")]

@@ -24,10 +24,10 @@ import pytest
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_helper import testbed as testbed_mod
+from lab import testbed as testbed_mod
+from lab.testbed import Testbed, link_stats
 from node_helper import vm_mirror
 from node_helper.kernel import NETNS_DIR, in_netns
-from node_helper.testbed import Testbed, link_stats
 from node_helper.vm_mirror import VmDatapathError, VmShapeError
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]

@@ -4,7 +4,7 @@ The pieces, in the order a test uses them:
 
 * `ensure_libvirtd()` gets a system libvirtd (and virtlogd) running on a machine without
   systemd units for them.
-* `build_guest_image()` (from node_helper.guest_image) gives a Debian cloud kernel and a
+* `build_guest_image()` (from lab.guest_image) gives a Debian cloud kernel and a
   busybox initramfs whose /init reports on the serial console (see that module).
 * `kubevirt_domain_xml()` writes a domain like virt-launcher's (bridge binding: an
   `<interface type="ethernet">` on an unmanaged `tap0`), switched to TCG and direct kernel
@@ -51,7 +51,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from pyroute2 import IPRoute, NetNS
 
-from node_helper.guest_image import DEFAULT_CMDLINE, GuestImage, build_guest_image
+from lab.guest_image import DEFAULT_CMDLINE, GuestImage, build_guest_image
 from node_helper.kernel import NETNS_DIR, netns_argv, remove_netns
 
 __all__ = [
@@ -95,7 +95,7 @@ class LibvirtSetupError(RuntimeError):
 # no AppArmor profiles, no kvm group set-up) runs QEMU as root without a security driver.
 _QEMU_CONF_SETTINGS = {"user": '"root"', "group": '"root"', "security_driver": '"none"'}
 _QEMU_CONF_NOTE = (
-    "# netaccel (node_helper/qemu_guest.py ensure_libvirtd): QEMU runs as root with\n"
+    "# netaccel (lab/qemu_guest.py ensure_libvirtd): QEMU runs as root with\n"
     "# security_driver \"none\" for the hand-started test libvirtd. Lines it changed end\n"
     "# with '# netaccel, was: <old value>'.\n"
 )

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from node_helper import testbed as tb_mod
-from node_helper.testbed import Testbed, popen_in, run_in, wait_for_port
+from lab import testbed as tb_mod
+from lab.testbed import Testbed, popen_in, run_in, wait_for_port
 
 FULL_SIZES = [1, 4, 16, 64, 256, 1024, 4096, 16384]  # qperf -oo msg_size:1:16K:*4
 QUICK_SIZES = [64, 1024, 16384]

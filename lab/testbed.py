@@ -281,7 +281,7 @@ class Testbed:
 
     def resume_qemu_guests(self) -> None:
         """Let QEMU guests created with paused=True boot."""
-        from node_helper import qemu_guest
+        from lab import qemu_guest
 
         for vm in self.vms:
             if vm.guest_kind == "qemu":
@@ -289,7 +289,7 @@ class Testbed:
 
     def qemu_guest(self, vm: Vm):  # noqa: ANN201 - a qemu_guest.QemuGuest
         """A handle on a QEMU VM's running guest (console, wait_for, logs)."""
-        from node_helper import qemu_guest
+        from lab import qemu_guest
 
         if vm.guest_kind != "qemu":
             raise TestbedError(f"{vm.name} has no QEMU guest (guest kind {vm.guest_kind})")
@@ -310,7 +310,7 @@ class Testbed:
         and echoes UDP and TCP on port 7.
         """
         from hook_sidecar.domain import edit_domain
-        from node_helper import qemu_guest
+        from lab import qemu_guest
 
         vm = self._vm(j, None, "qemu")
         self._add_launcher(vm)
@@ -383,7 +383,7 @@ def _destroy_qemu_guests(number: int) -> None:
     """Destroy and undefine the testbed's libvirt domains (only if libvirt is in use)."""
     if not Path("/var/run/libvirt/libvirt-sock").exists():
         return
-    from node_helper import qemu_guest
+    from lab import qemu_guest
 
     prefix = f"{QEMU_DOMAIN_PREFIX}{number}-"
     for name in qemu_guest.domain_names(prefix):
@@ -405,7 +405,7 @@ def destroy_all() -> list[int]:
     """Remove every testbed on this machine; return their numbers."""
     numbers = {int(m.group(1)) for n in netns.listnetns() if (m := _NS_RE.match(n))}
     if Path("/var/run/libvirt/libvirt-sock").exists():  # guests whose netns already went
-        from node_helper import qemu_guest
+        from lab import qemu_guest
 
         for name in qemu_guest.domain_names(QEMU_DOMAIN_PREFIX):
             if m := re.match(rf"{QEMU_DOMAIN_PREFIX}(\d+)-", name):

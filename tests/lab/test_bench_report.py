@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from node_helper import bench
-from node_helper.bench import BenchError, Row
+from lab import bench
+from lab.bench import BenchError, Row
 
 QPERF_LAT = """tcp_lat:
     latency   =  29.9 us

@@ -1,0 +1,147 @@
+"""netaccel-lab: the lab's command line (testbed, benchmarks).
+
+    netaccel-lab testbed up [--pods N] [--vms M] [--guest netns|qemu] | status | down
+    netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
+    netaccel-lab bench pods|vm [--quick] [--rounds R] [--json FILE] [--plot FILE.png]
+
+Exit codes as `netaccel` (node_helper.exitcodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lab import bench, testbed
+from node_helper import exitcodes
+from node_helper.cli import print_json
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# --- testbed -----------------------------------------------------------------
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    if args.action == "up":
+        bed = testbed.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest)
+        print(f"testbed {bed.number} up: {len(bed.pods)} pods, {len(bed.vms)} VMs "
+              f"({args.guest} guests)", file=sys.stderr)
+        print(bed.to_json())
+        return exitcodes.OK
+    if args.action == "down":
+        if args.all:
+            numbers = testbed.destroy_all()
+        else:
+            numbers = [testbed.Testbed.find(args.number).number]
+            testbed.destroy_number(numbers[0])
+        print(f"removed testbed(s): {numbers or 'none'}", file=sys.stderr)
+        return exitcodes.OK
+    bed = testbed.Testbed.find(args.number)
+    if args.json:
+        print(bed.to_json())
+    else:
+        print(f"testbed {bed.number} (node netns {bed.node_netns})")
+        for p in bed.pods:
+            print(f"  pod {p.name:6s} netns {p.netns:14s} {p.ipv4:16s} {p.ipv6}")
+        for v in bed.vms:
+            print(f"  vm  {v.name:6s} launcher {v.launcher_netns:12s} guest "
+                  f"{v.guest_netns or v.guest_kind:14s} {v.ipv4}")
+    return exitcodes.OK
+
+
+# --- the agent's socket bypass for a testbed ------------------------------------
+
+def cmd_bypass(args: argparse.Namespace) -> int:
+    from node_helper import sockets
+
+    if args.action == "on":
+        cidrs = testbed.Testbed.find(args.number).pod_cidrs()
+        status = sockets.enable(cidrs)
+        print(f"socket bypass on for {', '.join(cidrs)}", file=sys.stderr)
+        if args.json:
+            print_json(status)
+        return exitcodes.OK
+    sockets.disable()
+    print("socket bypass off: nothing of netaccel is attached", file=sys.stderr)
+    return exitcodes.OK
+
+
+# --- bench ---------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    sizes = bench.QUICK_SIZES if args.quick else bench.FULL_SIZES
+    seconds = args.seconds or (2.0 if args.quick else 3.0)
+    meta = bench.machine_meta() | {"bench": args.target, "seconds_per_point": seconds}
+    meta["rounds"] = args.rounds
+    run, title, labels = {
+        "pods": (bench.bench_pods, "same-node pods: kernel TCP path vs socket bypass (qperf)",
+                 ("kernel TCP path (baseline)", "socket bypass")),
+        "vm": (bench.bench_vm, "VM guest -> pod: in-pod bridge vs tc redirect variants (qperf)",
+               ("in-pod bridge (baseline)", "accelerated")),
+    }[args.target]
+    meta["cpu_idle"] = {
+        "policy": args.cpu_idle,
+        "cpu_dma_latency_0us_for": [t for t in ("tcp_lat", "tcp_bw", "udp_lat", "udp_bw")
+                                    if bench.keep_awake_for(t, args.cpu_idle)],
+    }
+    rows = run(sizes, seconds, rounds=args.rounds, cpu_idle=args.cpu_idle)
+    print(bench.format_table(rows))
+    if args.json:
+        bench.write_json(rows, Path(args.json), meta)
+        print(f"JSON rows written to {args.json}", file=sys.stderr)
+    if args.plot:
+        bench.plot(rows, Path(args.plot), title, *labels)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return exitcodes.OK
+
+
+# --- parser --------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netaccel-lab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("testbed", help="the simulated node made of network namespaces")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--pods", type=int, default=2)
+    p.add_argument("--vms", type=int, default=0)
+    p.add_argument("--guest", choices=["netns", "qemu"], default="netns")
+    p.add_argument("--number", type=int, help="status/down: which testbed (when several)")
+    p.add_argument("--all", action="store_true", help="down: remove every testbed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_testbed)
+    p = sub.add_parser("bench", help="qperf benchmarks on the testbed, side by side")
+    p.add_argument("target", choices=["pods", "vm"])
+    p.add_argument("--quick", action="store_true", help="64 B, 1 KiB, 16 KiB at 2 s a point")
+    p.add_argument("--seconds", type=float, help="seconds per point (default 3, quick 2)")
+    p.add_argument("--rounds", type=_positive_int, default=1,
+                   help="alternating rounds per point; figures are their median (default 1)")
+    p.add_argument("--cpu-idle", choices=bench.CPU_IDLE_POLICIES, default="auto",
+                   help="hold a 0 us cpu_dma_latency PM QoS request: for latency tests only "
+                   "(auto), always (awake) or never (idle); see bench.cpus_kept_awake")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--plot", metavar="FILE.png")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bypass", help="the socket bypass for a testbed's pod addresses")
+    p.add_argument("action", choices=["on", "off"])
+    p.add_argument("--number", type=int, help="on: which testbed (when several are up)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bypass)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exitcodes.run("netaccel-lab", args.func, args,
+                         failures=(testbed.TestbedError, bench.BenchError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
