@@ -9,8 +9,10 @@ import contextlib
 import ctypes
 import os
 import platform
+import re
 import signal
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 BPFFS = Path("/sys/fs/bpf")
@@ -112,49 +114,66 @@ def remove_netns(name: str) -> None:
         netns.remove(name)
 
 
-# --- bcc and kernel headers ------------------------------------------------
+# --- this agent's instance: names of what it pins and attaches --------------------------
+
+_INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,10}$")
+
+
+def instance() -> str:
+    """The agent instance's name (NETACCEL_INSTANCE, default "netaccel").
+
+    Everything the agent leaves in the kernel is named after it: pins under
+    /sys/fs/bpf/<instance>/, lock files /run/<instance>-*.lock, and BPF program names
+    "<instance>_..." (found again by name after a crash). One node runs one instance; a test
+    run takes its own, so two runs on one host never touch each other's programs.
+    """
+    name = os.environ.get("NETACCEL_INSTANCE", "netaccel")
+    if not _INSTANCE_RE.match(name):
+        raise ValueError(f"NETACCEL_INSTANCE={name!r}: use 1-11 lower-case letters or digits, "
+                         "starting with a letter (it prefixes BPF program names)")
+    return name
+
+
+def pin_dir(part: str) -> Path:
+    """Where datapath `part` ("bypass", "vm", ...) pins its programs and maps."""
+    return BPFFS / instance() / part
+
+
+def lock_file(part: str) -> Path:
+    """The lock that serialises changes to datapath `part` between processes."""
+    return Path("/run") / f"{instance()}-{part}.lock"
+
+
+# --- BPF sources and bcc ---------------------------------------------------------------------
 
 HEADER_HINT = (
-    "bcc compiles eBPF at run time and needs kernel headers. Install the ones for this "
-    "kernel (linux-headers-$(uname -r)) or, on Debian, `apt-get install linux-headers-amd64` "
-    "as a fallback set (run scripts/setup.sh)."
+    "bcc compiles eBPF at run time and needs the kernel headers of the running kernel at "
+    "/lib/modules/$(uname -r)/build: install linux-headers-$(uname -r), or mount the node's "
+    "/lib/modules and /usr/src into the agent's container. On a kernel without a header "
+    "package (custom kernels), a set of the same major version works for these programs "
+    "(they use only the stable uapi): scripts/setup.sh links Debian's linux-headers-amd64."
 )
+MODULES_DIR = Path("/lib/modules")
 
 
-def fallback_header_dirs(src: Path = Path("/usr/src")) -> tuple[Path, Path] | None:
-    """Newest Debian header pair (arch `-amd64` build dir, `-common` source dir), if any."""
-    builds = sorted(src.glob("linux-headers-*-amd64"), key=lambda p: _version_key(p.name))
-    for build in reversed(builds):
-        common = build.with_name(build.name.removesuffix("-amd64") + "-common")
-        if (build / "include").is_dir() and (common / "include").is_dir():
-            return build, common
-    return None
+def bpf_source(name: str) -> Path:
+    """Path of a shipped BPF C source (package data node_helper.bpf, in a wheel or a checkout)."""
+    path = Path(str(resources.files("node_helper.bpf") / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"BPF source {name} is not installed with node_helper ({path})")
+    return path
 
 
-def _version_key(name: str) -> list[int]:
-    return [int(part) for part in "".join(c if c.isdigit() else " " for c in name).split()]
+def bcc_headers(modules: Path | None = None) -> Path:
+    """The kernel header build dir bcc will use; KernelFeatureError when there is none.
 
-
-def ensure_bcc_headers(modules: Path = Path("/lib/modules")) -> Path:
-    """Make sure bcc finds headers for the running kernel; return the build dir it will use.
-
-    bcc looks in /lib/modules/$(uname -r)/build (and /source). When the running kernel has
-    no headers, link Debian's newest header set there: sock_ops/sk_msg/tc programs use only
-    the stable uapi structures, so older headers compile programs that run on this kernel.
+    The agent never changes the host to find headers: setting them up is a deployment step
+    (the image or scripts/setup.sh), and `netaccel doctor` reports what is missing.
     """
-    release_dir = modules / platform.release()
-    build = release_dir / "build"
-    if (build / "include").is_dir():
-        return build
-    found = fallback_header_dirs()
-    if found is None:
-        raise KernelFeatureError(f"no kernel headers for {platform.release()}. {HEADER_HINT}")
-    arch_dir, common_dir = found
-    release_dir.mkdir(parents=True, exist_ok=True)
-    for link, target in ((build, arch_dir), (release_dir / "source", common_dir)):
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(target)
+    build = (modules or MODULES_DIR) / platform.release() / "build"
+    if not (build / "include").is_dir():
+        raise KernelFeatureError(f"no kernel headers for {platform.release()} at {build}. "
+                                 f"{HEADER_HINT}")
     return build
 
 
@@ -169,3 +188,18 @@ def import_bcc():  # noqa: ANN201 - returns the bcc module
             "(scripts/setup.sh does both)"
         ) from exc
     return bcc
+
+
+def compile_bpf(source: str, cflags: list[str] | None = None):  # noqa: ANN201 - a bcc.BPF
+    """Compile a shipped BPF source with bcc (headers checked first, clear errors).
+
+    The source's folder is on the include path, so programs share bpf/netaccel_abi.h.
+    """
+    bcc_headers()
+    bcc = import_bcc()
+    path = bpf_source(source)
+    try:
+        return bcc.BPF(src_file=str(path).encode(),
+                       cflags=[f"-I{path.parent}", *(cflags or [])])
+    except Exception as exc:
+        raise KernelFeatureError(f"bcc could not compile {source}: {exc}. {HEADER_HINT}") from exc

@@ -1,0 +1,122 @@
+"""The BPF <-> user space layouts, read from bpf/netaccel_abi.h (one definition, in C).
+
+    layout("sock_key").size               40
+    layout("bypass_counters").names       ("redirected_msgs", ...)
+    layout("bypass_counters").unpack(raw) {"redirected_msgs": 3, ...}
+    check_map(bpf, "netaccel_socks", key="sock_key")   after a bcc compile
+
+The header keeps to a small subset of C (see its top comment) that `parse` reads; fields
+are laid out with natural alignment, as clang does for BPF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from node_helper import kernel
+
+HEADER = "netaccel_abi.h"
+_TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
+_STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{(.*?)\};", re.S)
+_FIELD_RE = re.compile(r"^(__u8|__u16|__u32|__u64)\s+(\w+)(?:\[(\d+)\])?;$")
+
+
+class AbiError(RuntimeError):
+    """User space and the BPF programs disagree on a layout (or the header is unreadable)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    ctype: str
+    count: int  # 1 for a scalar
+    offset: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One struct of the header: fields with offsets, total size, struct-module format."""
+
+    name: str
+    fields: tuple[Field, ...]
+    size: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    @property
+    def format(self) -> str:
+        """struct format (native order, explicit padding) of one instance."""
+        out, pos = ["="], 0
+        for f in self.fields:
+            if f.offset > pos:
+                out.append(f"{f.offset - pos}x")
+            out.append(f"{f.count}{_TYPES[f.ctype]}")
+            pos = f.offset + f.count * struct.calcsize(_TYPES[f.ctype])
+        if self.size > pos:
+            out.append(f"{self.size - pos}x")
+        return "".join(out)
+
+    def unpack(self, raw: bytes, offset: int = 0) -> dict[str, Any]:
+        """Field name -> int (scalars) or tuple (arrays)."""
+        values = list(struct.unpack_from(self.format, raw, offset))
+        out: dict[str, Any] = {}
+        for f in self.fields:
+            taken, values = values[:f.count], values[f.count:]
+            out[f.name] = taken[0] if f.count == 1 else tuple(taken)
+        return out
+
+
+def parse(text: str) -> dict[str, Layout]:
+    """Every `struct name { ... };` of the header text, laid out with natural alignment."""
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    layouts = {}
+    for name, body in _STRUCT_RE.findall(text):
+        fields, offset, align = [], 0, 1
+        for line in filter(None, (ln.strip() for ln in body.splitlines())):
+            m = _FIELD_RE.match(line)
+            if not m:
+                raise AbiError(f"{HEADER}: struct {name}: cannot read field {line!r}")
+            ctype, fname, count = m.group(1), m.group(2), int(m.group(3) or 1)
+            size = struct.calcsize(_TYPES[ctype])
+            offset = -(-offset // size) * size
+            fields.append(Field(fname, ctype, count, offset))
+            offset += size * count
+            align = max(align, size)
+        layouts[name] = Layout(name, tuple(fields), -(-offset // align) * align)
+    return layouts
+
+
+@functools.cache
+def layouts() -> dict[str, Layout]:
+    return parse(kernel.bpf_source(HEADER).read_text())
+
+
+def layout(name: str) -> Layout:
+    try:
+        return layouts()[name]
+    except KeyError:
+        raise AbiError(f"{HEADER} has no struct {name}") from None
+
+
+def _check(what: str, ctype: Any, want: Layout) -> None:
+    have = [name for name, *_ in getattr(ctype, "_fields_", [])]
+    if ctypes.sizeof(ctype) != want.size or (have and have != list(want.names)):
+        raise AbiError(f"{what}: the BPF program has {have} ({ctypes.sizeof(ctype)} bytes), "
+                       f"{HEADER} says {list(want.names)} ({want.size} bytes)")
+
+
+def check_map(bpf: Any, map_name: str, key: str | None = None, value: str | None = None) -> None:
+    """Compare a bcc-compiled map's key/value types with the header's layouts."""
+    table = bpf.get_table(map_name)
+    if key:
+        _check(f"{map_name} key", table.Key, layout(key))
+    if value:
+        _check(f"{map_name} value", table.Leaf, layout(value))
