@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * netaccel socket bypass: sock_ops + sk_msg, compiled at run time by bcc
- * (node_helper/sockets.py loads, pins and attaches it).
+ * (node_helper/sockets.py loads, pins and attaches it).  The two programs are named after
+ * the agent instance (node_helper.kernel.instance(), "netaccel" on a node): the loader
+ * passes -DNA_PROG_OPS=<instance>_ops -DNA_PROG_MSG=<instance>_msg, and finds them on the
+ * cgroup root by those names after a crash.
  *
  *   netaccel_ops  (BPF_PROG_TYPE_SOCK_OPS, cgroup v2 root, BPF_F_ALLOW_MULTI)
  *       On ACTIVE_ESTABLISHED / PASSIVE_ESTABLISHED of a TCP socket whose two
@@ -62,6 +65,15 @@
  */
 #include <uapi/linux/bpf.h>
 
+#include "netaccel_abi.h"  /* struct sock_key, lpm_key, bypass_counters */
+
+#ifndef NA_PROG_OPS
+#define NA_PROG_OPS netaccel_ops
+#endif
+#ifndef NA_PROG_MSG
+#define NA_PROG_MSG netaccel_msg
+#endif
+
 #define NA_AF_INET 2
 #define NA_AF_INET6 10
 
@@ -82,39 +94,14 @@
 #define REMOTE_PORT(v) (v)
 #endif
 
-struct sock_key {
-	__u32 local[4];  /* 16-byte address, network byte order words */
-	__u32 remote[4];
-	__u32 lport;     /* host byte order */
-	__u32 rport;     /* host byte order */
-};
-
-struct lpm_key {
-	__u32 prefixlen;
-	__u32 addr[4];
-};
-
 /* Per-socket bypass state, created by sock_ops before the insert. */
 struct conn_state {
 	__u32 fell_back;  /* 1 once a message of this socket took the kernel path */
 };
 
-/* Field order is ABI with node_helper/sockets.py (COUNTER_FIELDS). */
-struct counters {
-	__u64 redirected_msgs;
-	__u64 redirected_bytes;
-	__u64 fallback_msgs;       /* messages of inserted sockets that took SK_PASS */
-	__u64 fallback_dirs;       /* directions that missed their peer and fell back */
-	__u64 inserted;            /* sockets put into the sockhash */
-	__u64 skipped_not_in_set;  /* established sockets with an end outside the set */
-	__u64 skipped_sent_data;   /* established sockets that had already sent data */
-	__u64 insert_errors;       /* storage or sockhash update failed: not bypassed */
-	__u64 no_state;            /* sk_msg ran on a socket without state: passed */
-};
-
 BPF_SOCKHASH(netaccel_socks, struct sock_key, 65536);
 BPF_LPM_TRIE(netaccel_accel, struct lpm_key, __u32, 4096);
-BPF_PERCPU_ARRAY(netaccel_cnt, struct counters, 1);
+BPF_PERCPU_ARRAY(netaccel_cnt, struct bypass_counters, 1);
 BPF_SK_STORAGE(netaccel_state, struct conn_state);
 
 /* Copy the eight IPv6 address words of ctx.  Clang happily merges a load of
@@ -152,11 +139,11 @@ static __always_inline int in_set(__u32 a0, __u32 a1, __u32 a2, __u32 a3)
 	return netaccel_accel.lookup(&k) != NULL;
 }
 
-int netaccel_ops(struct bpf_sock_ops *skops)
+int NA_PROG_OPS(struct bpf_sock_ops *skops)
 {
 	__u32 op = CTX_U32(skops, op);
 	struct sock_key key = {};
-	struct counters *cnt;
+	struct bypass_counters *cnt;
 	struct conn_state *st;
 	struct bpf_sock *sk;
 	__u32 zero = 0;
@@ -216,10 +203,10 @@ int netaccel_ops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-int netaccel_msg(struct sk_msg_md *msg)
+int NA_PROG_MSG(struct sk_msg_md *msg)
 {
 	struct sock_key peer = {};
-	struct counters *cnt;
+	struct bypass_counters *cnt;
 	struct conn_state *st;
 	struct bpf_sock *sk;
 	__u32 zero = 0;

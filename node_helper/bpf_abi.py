@@ -107,6 +107,8 @@ def layout(name: str) -> Layout:
 
 
 def _check(what: str, ctype: Any, want: Layout) -> None:
+    if issubclass(ctype, ctypes.Array):  # a per-CPU value: bcc gives one element per CPU
+        ctype = ctype._type_
     have = [name for name, *_ in getattr(ctype, "_fields_", [])]
     if ctypes.sizeof(ctype) != want.size or (have and have != list(want.names)):
         raise AbiError(f"{what}: the BPF program has {have} ({ctypes.sizeof(ctype)} bytes), "
@@ -115,7 +117,7 @@ def _check(what: str, ctype: Any, want: Layout) -> None:
 
 def check_map(bpf: Any, map_name: str, key: str | None = None, value: str | None = None) -> None:
     """Compare a bcc-compiled map's key/value types with the header's layouts."""
-    table = bpf.get_table(map_name)
+    table = bpf.get_table(map_name.encode())
     if key:
         _check(f"{map_name} key", table.Key, layout(key))
     if value:

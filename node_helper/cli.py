@@ -53,7 +53,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         for c in checks:
             mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
-            print(f"{mark} {c.name:14s} {c.detail}" + (f"\n     fix: {c.fix}" if not c.ok else ""))
+            print(f"{mark} {c.name:16s} {c.detail}" + (f"\n     fix: {c.fix}" if not c.ok else ""))
     missing = any(c.required and not c.ok for c in checks)
     return exitcodes.MISSING_FEATURE if missing else exitcodes.OK
 

@@ -1,19 +1,24 @@
-"""`netaccel doctor`: one line per kernel or host requirement, with a fix hint.
+"""`netaccel doctor`: one line per kernel or host requirement of the agent, with a fix hint.
 
-Each check really exercises the feature (creates a SOCKHASH, builds a throw-away tc
-filter in a throw-away namespace) rather than reading config files.
+Each check really exercises the feature (creates a SOCKHASH, compiles a tc program and
+attaches it in a throw-away namespace) rather than reading config files. Only what the
+agent needs on a node is checked; the lab's tools (qperf, libvirt) are not the agent's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import platform
-import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from node_helper import bpf_syscall, kernel
+
+PASS_PROGRAM = """
+#include <uapi/linux/pkt_cls.h>
+int doctor_pass(struct __sk_buff *skb) { return TC_ACT_OK; }
+"""
 
 
 @dataclass
@@ -23,6 +28,21 @@ class Check:
     required: bool
     detail: str
     fix: str = ""
+
+
+@contextlib.contextmanager
+def _scratch_veth() -> Iterator[tuple[object, int, int]]:
+    """(NetNS, index of d0, index of d1): a veth pair in a throw-away namespace."""
+    from pyroute2 import NetNS, netns
+
+    name = f"na-doctor-{uuid.uuid4().hex[:8]}"
+    netns.create(name)
+    try:
+        with NetNS(name) as ns:
+            ns.link("add", ifname="d0", kind="veth", peer={"ifname": "d1"})
+            yield ns, ns.link_lookup(ifname="d0")[0], ns.link_lookup(ifname="d1")[0]
+    finally:
+        netns.remove(name)
 
 
 def _root() -> str:
@@ -53,52 +73,49 @@ def _bcc() -> str:
 
 
 def _headers() -> str:
-    build = f"/lib/modules/{platform.release()}/build"
-    if os.path.isdir(f"{build}/include"):
-        return f"{build} -> {os.path.realpath(build)}"
-    found = kernel.fallback_header_dirs()
-    if found:
-        return f"none for {platform.release()}; fallback {found[0].name} will be linked"
-    raise RuntimeError(f"no headers for {platform.release()} and no fallback set")
+    build = kernel.bcc_headers()
+    return f"{build} -> {os.path.realpath(build)}"
 
 
-def _tc() -> str:
-    """ingress qdisc + u32 match-all + mirred redirect between two veths in a scratch netns."""
-    from pyroute2 import NetNS, netns
-
-    name = f"na-doctor-{uuid.uuid4().hex[:8]}"
-    netns.create(name)
+def _cls_bpf() -> str:
+    """Compile a tc program with bcc and attach it (cls_bpf, direct action) to a veth."""
+    kernel.bcc_headers()
+    bcc = kernel.import_bcc()
+    prog = bcc.BPF(text=PASS_PROGRAM)
     try:
-        with NetNS(name) as ns:
-            ns.link("add", ifname="d0", kind="veth", peer={"ifname": "d1"})
-            d0, d1 = ns.link_lookup(ifname="d0")[0], ns.link_lookup(ifname="d1")[0]
-            ns.tc("add", "ingress", index=d0, handle="ffff:")
-            ns.tc("add-filter", "u32", index=d0, parent="ffff:", prio=10, protocol=0x0003,
-                  target=0x10001, keys=["0x0/0x0+0"],
-                  action={"kind": "mirred", "direction": "egress", "action": "redirect",
-                          "ifindex": d1})
-            ns.tc("add", "clsact", index=d1)
+        fd = prog.load_func(b"doctor_pass", bcc.BPF.SCHED_CLS).fd
+        with _scratch_veth() as (ns, d0, _):
+            ns.tc("add", "clsact", index=d0)
+            ns.tc("add-filter", "bpf", index=d0, handle=1, fd=fd, name="doctor",
+                  parent="ffff:fff2", direct_action=True, protocol=0x0003)
     finally:
-        netns.remove(name)
-    return "ingress/clsact qdisc, u32 filter, mirred redirect"
+        prog.cleanup()
+    return "bcc compiled a tc program; cls_bpf direct-action filter attached on clsact"
 
 
-def _binary(name: str) -> Callable[[], str]:
-    def check() -> str:
-        path = shutil.which(name)
-        if not path:
-            raise RuntimeError(f"{name} not found on PATH")
-        return path
-    return check
+def _tc_mirred() -> str:
+    """ingress qdisc + u32 match-all + mirred redirect between two veths."""
+    with _scratch_veth() as (ns, d0, d1):
+        ns.tc("add", "ingress", index=d0, handle="ffff:")
+        ns.tc("add-filter", "u32", index=d0, parent="ffff:", prio=10, protocol=0x0003,
+              target=0x10001, keys=["0x0/0x0+0"],
+              action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                      "ifindex": d1})
+    return "ingress qdisc, u32 filter, mirred redirect"
 
 
-def _libvirtd() -> str:
-    import libvirt  # noqa: F401 - import proves the binding is there
+def _ethtool() -> str:
+    """Read a veth's offload features over ethtool netlink (the VM datapath's checksum knob)."""
+    from pyroute2.ethtool import Ethtool
 
-    path = shutil.which("libvirtd")
-    if not path:
-        raise RuntimeError("libvirtd not installed")
-    return f"python libvirt binding and {path}"
+    et = Ethtool()
+    try:
+        features = et.get_features("lo").features
+    finally:
+        et.close()
+    if "rx-checksum" not in features:
+        raise RuntimeError("ethtool netlink answered without an rx-checksum feature")
+    return f"ethtool netlink: {len(features)} features readable"
 
 
 CHECKS: list[tuple[str, bool, Callable[[], str], str]] = [
@@ -108,11 +125,11 @@ CHECKS: list[tuple[str, bool, Callable[[], str], str]] = [
     ("bpffs", False, _bpffs, "mount -t bpf bpf /sys/fs/bpf"),
     ("bcc", True, _bcc, "apt-get install python3-bpfcc; use the .venv from scripts/setup.sh"),
     ("bcc-headers", True, _headers, kernel.HEADER_HINT),
-    ("tc-u32-mirred", True, _tc, "needs NET_SCH_INGRESS, NET_CLS_U32, NET_ACT_MIRRED"),
-    ("qperf", False, _binary("qperf"), "apt-get install qperf (benchmarks only)"),
-    ("libvirt-qemu", False, _libvirtd,
-     "apt-get install libvirt-daemon-driver-qemu qemu-system-x86 python3-libvirt "
-     "(QEMU testbed guests only)"),
+    ("tc-cls-bpf", True, _cls_bpf,
+     "needs NET_CLS_BPF and NET_SCH_INGRESS (clsact), and bcc with headers (above); "
+     "without them use `netaccel vm accelerate --datapath mirror`"),
+    ("tc-u32-mirred", True, _tc_mirred, "needs NET_SCH_INGRESS, NET_CLS_U32, NET_ACT_MIRRED"),
+    ("ethtool-netlink", True, _ethtool, "needs CONFIG_ETHTOOL_NETLINK (Linux >= 5.6)"),
 ]
 
 

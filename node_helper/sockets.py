@@ -1,7 +1,8 @@
 """Same-node socket bypass: sock_ops + sk_msg (bpf/sockmap.c), loaded with bcc.
 
-    enable(cidrs)  compile, pin under PIN_DIR, attach sock_ops to the cgroup v2 root
-                   (BPF_F_ALLOW_MULTI) and sk_msg to the sockhash; idempotent.
+    enable(cidrs)  compile, pin under PIN_DIR (/sys/fs/bpf/<instance>/bypass), attach
+                   sock_ops to the cgroup v2 root (BPF_F_ALLOW_MULTI) and sk_msg to the
+                   sockhash; idempotent.
     disable()      detach and unpin everything of ours; safe when nothing is enabled.
     status()       counters and the accelerated set, read from the pinned maps (any process).
 
@@ -24,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from node_helper import kernel
+from node_helper import bpf_abi, kernel
 from node_helper.bpf_syscall import (  # noqa: F401 - re-exported for tests and the CLI
     BPF_CGROUP_SOCK_OPS,
     BPF_F_ALLOW_MULTI,
@@ -48,24 +49,19 @@ from node_helper.bpf_syscall import (  # noqa: F401 - re-exported for tests and 
 )
 from node_helper.kernel import KernelFeatureError
 
-BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "sockmap.c"
-PIN_DIR = kernel.BPFFS / "netaccel" / "bypass"
-LOCK_FILE = Path("/run/netaccel-bypass.lock")
-PROG_OPS_NAME = "netaccel_ops"
-PROG_MSG_NAME = "netaccel_msg"
+BPF_SOURCE = "sockmap.c"
+PIN_DIR = kernel.pin_dir("bypass")
+LOCK_FILE = kernel.lock_file("bypass")
+PROG_OPS_NAME = f"{kernel.instance()}_ops"
+PROG_MSG_NAME = f"{kernel.instance()}_msg"
 # pin name -> bcc object name
 PINNED_PROGS = {"prog_ops": PROG_OPS_NAME, "prog_msg": PROG_MSG_NAME}
 PINNED_MAPS = {"map_socks": "netaccel_socks", "map_accel": "netaccel_accel",
                "map_counters": "netaccel_cnt"}
-# Field order of struct counters in bpf/sockmap.c.
-COUNTER_FIELDS = (
-    "redirected_msgs", "redirected_bytes", "fallback_msgs", "fallback_dirs", "inserted",
-    "skipped_not_in_set", "skipped_sent_data", "insert_errors", "no_state",
-)
-SOCK_KEY_SIZE = 40  # struct sock_key
-LPM_KEY_SIZE = 20  # struct lpm_key
+COUNTERS = bpf_abi.layout("bypass_counters")
+SOCK_KEY = bpf_abi.layout("sock_key")
+LPM_KEY = bpf_abi.layout("lpm_key")
 _MOUNTINFO = Path("/proc/self/mountinfo")  # tests point this at a fake one
-_MODULES_DIR = Path("/lib/modules")  # ditto, for "no headers"
 
 # --- the accelerated set ------------------------------------------------------------------
 
@@ -91,11 +87,12 @@ def lpm_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
         plen = 96 + net.prefixlen
     else:
         addr, plen = net.network_address.packed, net.prefixlen
-    return struct.pack("=I", plen) + addr
+    # addr words keep network byte order: unpack them natively to pack them back unchanged.
+    return struct.pack(LPM_KEY.format, plen, *struct.unpack("=4I", addr))
 
 
 def key_to_cidr(key: bytes) -> str:
-    plen = struct.unpack_from("=I", key)[0]
+    plen = LPM_KEY.unpack(key)["prefixlen"]
     addr = ipaddress.IPv6Address(key[4:20])
     if addr.ipv4_mapped is not None and plen >= 96:
         return f"{addr.ipv4_mapped}/{plen - 96}"
@@ -235,7 +232,7 @@ def status() -> dict[str, Any]:
     """State and counters, read from the pinned maps (works from any process)."""
     result: dict[str, Any] = {"enabled": False, "sockets": 0, "cidrs": [],
                               "pin_dir": str(PIN_DIR)}
-    result.update(dict.fromkeys(COUNTER_FIELDS, 0))
+    result.update(dict.fromkeys(COUNTERS.names, 0))
     try:
         cg = _cgroup_root()
         result["cgroup"] = str(cg)
@@ -250,23 +247,23 @@ def status() -> dict[str, Any]:
         with closing(obj_get(PIN_DIR / "map_counters")) as fd:
             result.update(_read_counters(fd))
         with closing(obj_get(PIN_DIR / "map_socks")) as fd:
-            result["sockets"] = sum(1 for _ in map_keys(fd, SOCK_KEY_SIZE))
+            result["sockets"] = sum(1 for _ in map_keys(fd, SOCK_KEY.size))
         with closing(obj_get(PIN_DIR / "map_accel")) as fd:
-            result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY_SIZE))
+            result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY.size))
     return result
 
 
 # --- internals ----------------------------------------------------------------------------
 
 def _read_counters(fd: int) -> dict[str, int]:
-    size = 8 * len(COUNTER_FIELDS)
-    ncpu = possible_cpus()
-    raw = map_lookup(fd, b"\0\0\0\0", size * ncpu) or b""
-    totals = [0] * len(COUNTER_FIELDS)
-    for cpu in range(len(raw) // size):
-        for i, value in enumerate(struct.unpack_from(f"={len(COUNTER_FIELDS)}Q", raw, cpu * size)):
-            totals[i] += value
-    return dict(zip(COUNTER_FIELDS, totals, strict=True))
+    """Sum the per-CPU slots of the counters map (per-CPU values are 8-byte aligned)."""
+    stride = -(-COUNTERS.size // 8) * 8
+    raw = map_lookup(fd, b"\0\0\0\0", stride * possible_cpus()) or b""
+    totals = dict.fromkeys(COUNTERS.names, 0)
+    for cpu in range(len(raw) // stride):
+        for name, value in COUNTERS.unpack(raw, cpu * stride).items():
+            totals[name] += value
+    return totals
 
 
 def _set_accel(nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
@@ -275,7 +272,7 @@ def _set_accel(nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) ->
     with closing(obj_get(PIN_DIR / "map_accel")) as fd:
         for key in wanted:
             map_update(fd, key, struct.pack("=I", 1))
-        for key in list(map_keys(fd, LPM_KEY_SIZE)):
+        for key in list(map_keys(fd, LPM_KEY.size)):
             if key not in wanted:
                 map_delete(fd, key)
 
@@ -294,16 +291,20 @@ def _probe_sockhash() -> None:
 
 def _compile() -> tuple[Any, Any, Any]:
     """Compile and load bpf/sockmap.c with bcc; return (bpf, ops fn, msg fn)."""
-    kernel.ensure_bcc_headers(_MODULES_DIR)
-    bcc = kernel.import_bcc()
+    bpf = kernel.compile_bpf(BPF_SOURCE, [f"-DNA_PROG_OPS={PROG_OPS_NAME}",
+                                          f"-DNA_PROG_MSG={PROG_MSG_NAME}"])
     try:
-        bpf = bcc.BPF(src_file=str(BPF_SOURCE).encode())
+        bpf_abi.check_map(bpf, "netaccel_accel", key="lpm_key")
+        bpf_abi.check_map(bpf, "netaccel_cnt", value="bypass_counters")
+        bcc = kernel.import_bcc()
         ops = bpf.load_func(PROG_OPS_NAME.encode(), bcc.BPF.SOCK_OPS)
         msg = bpf.load_func(PROG_MSG_NAME.encode(), bcc.BPF.SK_MSG)
+    except bpf_abi.AbiError:
+        bpf.cleanup()
+        raise
     except Exception as exc:
-        raise KernelFeatureError(
-            f"bcc could not compile or load {BPF_SOURCE.name}: {exc}. {kernel.HEADER_HINT}"
-        ) from exc
+        bpf.cleanup()
+        raise KernelFeatureError(f"the kernel refused {BPF_SOURCE}'s programs: {exc}") from exc
     return bpf, ops, msg
 
 

@@ -79,7 +79,6 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from socket import AF_INET, AF_INET6, ntohs
 from typing import Any
 
@@ -89,7 +88,7 @@ from pyroute2.netlink.rtnl.tcmsg import act_mirred
 
 from node_helper import bpf_syscall
 from node_helper import tc_netlink as tc
-from node_helper.kernel import NETNS_DIR, ensure_bcc_headers, import_bcc, in_netns
+from node_helper.kernel import NETNS_DIR, compile_bpf, import_bcc, in_netns
 
 # The alias lab.testbed puts on its veth stand-in for QEMU's tap (kept equal there;
 # the datapath does not import the testbed).
@@ -129,7 +128,7 @@ CHECKSUM_FEATURES = (
     "tx-checksum-sctp",
 )
 
-BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "tc_redirect.c"
+BPF_SOURCE = "tc_redirect.c"
 BPF_NAME_PREFIX = "netaccel:"
 # Counter slots of bpf/tc_redirect.c's `counters` map.
 COUNTER_SLOTS = ("tap_to_veth", "veth_to_tap", "tap_to_bridge", "veth_to_bridge")
@@ -536,10 +535,8 @@ def _bpf_programs(devs: Devices, launcher: Launcher,
     The fds are only needed until the filters hold the programs; the BPF object is then
     closed and the programs live on as long as the filters do.
     """
-    ensure_bcc_headers()
+    prog = compile_bpf(BPF_SOURCE, _bpf_cflags(devs, launcher, redirect_peer))
     bcc = import_bcc()
-    cflags = _bpf_cflags(devs, launcher, redirect_peer)
-    prog = bcc.BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
     try:
         yield {
             "tap": prog.load_func(b"tap_to_veth", bcc.BPF.SCHED_CLS).fd,

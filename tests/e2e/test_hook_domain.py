@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from hook_sidecar.domain import edit_domain
 from lab.qemu_guest import kubevirt_domain_xml, start_guest
 from tests.e2e.conftest import BRIDGE, add_address, udp_socket_in
 
@@ -34,7 +35,6 @@ def test_hook_domain_in_libvirt(launcher_netns: str, guest_image, unique_name: s
     ns, name = launcher_netns, unique_name
     xml = kubevirt_domain_xml(name, image=guest_image, cmdline="")
     if edited:
-        edit_domain = pytest.importorskip("hook_sidecar.domain").edit_domain
         xml = edit_domain(xml, VMI)
     add_address(ns, BRIDGE, "10.223.0.1", 24)
     listener = udp_socket_in(ns, "10.223.0.1")

@@ -74,7 +74,7 @@ class Bypass:
     @staticmethod
     def counters() -> dict[str, int]:
         st = sockets.status()
-        return {k: st[k] for k in sockets.COUNTER_FIELDS}
+        return {k: st[k] for k in sockets.COUNTERS.names}
 
 
 @pytest.fixture

@@ -75,9 +75,22 @@ def test_bypass_on_status_off_from_separate_processes(bed: Testbed) -> None:
         sockets.disable()
 
 
-def test_cli_doctor_passes_here() -> None:
+def test_doctor_checks_what_the_agent_needs() -> None:
     res = subprocess.run(NETACCEL + ["doctor", "--json"], capture_output=True, text=True)
     checks = {c["name"]: c for c in json.loads(res.stdout)}
     assert res.returncode == 0, res.stdout
-    assert checks["bpf-sockhash"]["ok"] and checks["tc-u32-mirred"]["ok"]
+    assert set(checks) == {"root", "bpf-sockhash", "cgroup-v2", "bpffs", "bcc", "bcc-headers",
+                           "tc-cls-bpf", "tc-u32-mirred", "ethtool-netlink"}  # no lab tools
+    assert all(c["ok"] for c in checks.values()), checks
     assert not [n for n in netns.listnetns() if n.startswith("na-doctor-")]
+
+
+def test_doctor_reports_missing_headers_with_the_fix(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from node_helper import doctor, kernel
+
+    monkeypatch.setattr(kernel, "MODULES_DIR", tmp_path)
+    checks = {c.name: c for c in doctor.run_checks()}
+    for name in ("bcc-headers", "tc-cls-bpf"):
+        assert not checks[name].ok and checks[name].required
+    assert "linux-headers" in checks["bcc-headers"].fix
+    assert checks["tc-u32-mirred"].ok  # the mirror datapath needs no compiler

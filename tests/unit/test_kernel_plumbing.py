@@ -1,7 +1,8 @@
-"""Pure parts of node_helper.kernel: mountinfo parsing, header discovery."""
+"""Pure parts of node_helper.kernel: mountinfo parsing, headers, instance names."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,26 @@ def test_no_cgroup2_is_a_clear_error(tmp_path: Path) -> None:
         kernel.cgroup2_root(mountinfo)
 
 
-def test_fallback_headers_pick_newest_complete_pair(tmp_path: Path) -> None:
-    for name in ("linux-headers-6.1.0-9-amd64", "linux-headers-6.1.0-9-common",
-                 "linux-headers-6.1.0-56-amd64", "linux-headers-6.1.0-56-common",
-                 "linux-headers-6.1.0-60-amd64"):  # no -common: incomplete
-        (tmp_path / name / "include").mkdir(parents=True)
-    build, common = kernel.fallback_header_dirs(tmp_path)
-    assert build.name == "linux-headers-6.1.0-56-amd64"
-    assert common.name == "linux-headers-6.1.0-56-common"
-    assert kernel.fallback_header_dirs(tmp_path / "nothing") is None
+def test_bcc_headers_reports_instead_of_linking(tmp_path: Path) -> None:
+    with pytest.raises(kernel.KernelFeatureError, match="scripts/setup.sh"):
+        kernel.bcc_headers(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    build = tmp_path / platform.release() / "build"
+    (build / "include").mkdir(parents=True)
+    assert kernel.bcc_headers(tmp_path) == build
+
+
+@pytest.mark.parametrize("name", ["", "Netaccel", "1abc", "a" * 12, "na-1", "na_1"])
+def test_instance_names_that_cannot_prefix_a_program_are_refused(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NETACCEL_INSTANCE", name)
+    with pytest.raises(ValueError, match="NETACCEL_INSTANCE"):
+        kernel.instance()
+
+
+def test_instance_scopes_pins_and_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NETACCEL_INSTANCE", "t1a2b")
+    assert kernel.pin_dir("bypass") == Path("/sys/fs/bpf/t1a2b/bypass")
+    assert kernel.lock_file("vm") == Path("/run/t1a2b-vm.lock")
+    monkeypatch.delenv("NETACCEL_INSTANCE")
+    assert kernel.pin_dir("bypass") == Path("/sys/fs/bpf/netaccel/bypass")
