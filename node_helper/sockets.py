@@ -294,7 +294,7 @@ def _probe_sockhash() -> None:
 
 def _compile() -> tuple[Any, Any, Any]:
     """Compile and load bpf/sockmap.c with bcc; return (bpf, ops fn, msg fn)."""
-    kernel.ensure_bcc_headers(_MODULES_DIR)
+    kernel.bcc_headers(_MODULES_DIR)
     bcc = kernel.import_bcc()
     try:
         bpf = bcc.BPF(src_file=str(BPF_SOURCE).encode())
