@@ -179,12 +179,10 @@ def prog_id(pin: Path) -> int:
 
 
 def current_prog_id() -> int | None:
-    """Id of the newest pinned program (what a re-apply attaches), None when none is."""
+    """Id of the pinned program of this source (what an apply attaches), None if not pinned."""
+    pin = pin_dir() / f"{PROG_PREFIX}{_digest(_cflags())}"
     with contextlib.suppress(OSError):
-        progs = pinned_programs()
-        cflags_pin = pin_dir() / f"{PROG_PREFIX}{_digest(_cflags())}"
-        if cflags_pin in progs:
-            return prog_id(cflags_pin)
+        return prog_id(pin)
     return None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
@@ -136,11 +135,6 @@ class Launcher:
     mac: str | None  # "aa:bb:cc:dd:ee:ff", None if the bridge has none (all zero)
     ipv4: tuple[str, ...]
     ipv6: tuple[str, ...]
-
-    def digest(self) -> str:
-        """A short digest of the set (shown in the bpf filter's name)."""
-        text = "|".join([self.mac or "-", ",".join(self.ipv4), ",".join(self.ipv6)])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
         return {"mac": self.mac, "ipv4": list(self.ipv4), "ipv6": list(self.ipv6)}
