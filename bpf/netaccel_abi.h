@@ -42,4 +42,48 @@ struct bypass_counters {
 	__u64 no_state;            /* sk_msg ran on a socket without state: passed */
 };
 
+/* ---- VM datapath (tc_redirect.c) ---- */
+
+/* Bridge addresses one device's program passes to the launcher (user space refuses more). */
+#define VM_MAX_IP4 4
+#define VM_MAX_IP6 4
+
+/* vm_dev_config.flags */
+#define VM_F_REDIRECT_PEER 1 /* redirect with bpf_redirect_peer (into the peer's ingress) */
+#define VM_F_HAS_MAC 2       /* mac holds the bridge's MAC (frames to it go to the bridge) */
+
+/* Key of both VM maps: a per-device id (1..65535) that user space allocates and writes as the
+ * minor of the cls_bpf filter's classid (4e41:<id>); the program reads it back as
+ * skb->tc_classid (cls_bpf copies the filter's classid there before running the program;
+ * the skb keeps only its low 16 bits). Not (netns cookie, ifindex): bpf_get_netns_cookie(skb)
+ * in tc returns the netns of the skb's socket when it has one (a veth keeps the sender's
+ * socket across namespaces), not the netns of the device the program runs on. */
+struct vm_dev_key {
+	__u32 id;
+};
+
+/* Per-device configuration (hash map, pinned): where frames go and what is the launcher's.
+ * Addresses are in network byte order: the bytes as on the wire, read as __u32 words.
+ * (netns_cookie, ifindex) name the device the entry belongs to (ifindexes repeat across
+ * namespaces); the program checks ifindex against the device it runs on. */
+struct vm_dev_config {
+	__u64 netns_cookie;        /* SO_NETNS_COOKIE of the launcher netns */
+	__u32 ifindex;             /* the device this entry configures */
+	__u32 peer_ifindex;        /* redirect target */
+	__u32 flags;               /* VM_F_* */
+	__u8 mac[6];               /* the bridge's MAC (with VM_F_HAS_MAC) */
+	__u8 n_ip4;                /* used entries of ip4 */
+	__u8 n_ip6;                /* used addresses of ip6 (4 words each) */
+	__u32 ip4[VM_MAX_IP4];
+	__u32 ip6[16];             /* VM_MAX_IP6 addresses x 4 words */
+};
+
+/* Per-device counters (per-CPU hash, pinned, same key; user space sums the CPUs). */
+struct vm_dev_counters {
+	__u64 redirected_packets;  /* to the peer device */
+	__u64 redirected_bytes;
+	__u64 bridge_packets;      /* passed to the bridge (DHCP, for the launcher) */
+	__u64 bridge_bytes;
+};
+
 #endif

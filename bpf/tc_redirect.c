@@ -1,205 +1,252 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * VM datapath, "bpf" variant: tc ingress programs (cls_bpf, direct-action mode) that move
- * every frame straight between a KubeVirt VM's tap and the pod's veth, skipping the in-pod
- * bridge (k6t-<name>):
- *  - veth -> tap: bpf_redirect() to the tap's egress (towards QEMU / the guest);
- *  - tap -> veth: bpf_redirect_peer() (kernel >= 5.10, tc ingress only) when REDIRECT_PEER
- *    is 1: the frame goes straight into the ingress of the veth's peer (the node side, in
- *    another netns), as if the peer had received it, skipping the veth's transmit path
- *    (veth_xmit) and the softirq hop through the CPU's backlog queue; the veth's own tx
- *    counters do not see these frames, the peer's rx counters do. With REDIRECT_PEER 0
- *    (user space decides: the pod device is not a veth, or its peer is in the same netns,
- *    where the kernel would drop the frame) it is bpf_redirect() to the veth's egress.
- *
- * Exception: what is meant for the launcher itself must still reach the bridge:
+ * VM datapath, "bpf" variant: one tc ingress program (cls_bpf, direct-action mode) for every
+ * VM of the node, attached to both bridge ports of each launcher netns (the VM's tap and the
+ * pod's veth). It moves every frame straight to the other port, skipping the in-pod bridge
+ * (k6t-<name>), except what is meant for the launcher itself, which goes on to the bridge
+ * (TC_ACT_OK ends classification in direct-action mode; the frame continues to the bridge's
+ * rx_handler):
  *  - DHCP (UDP dport 67/68) and DHCPv6 (UDP dport 546/547): virt-launcher's DHCP server
- *    listens on the bridge;
- *  - frames whose Ethernet destination is the bridge's MAC (ARP replies to the launcher,
- *    unicast DHCP renewals, anything addressed to the launcher);
+ *    listens on the bridge; only a first (or only) IPv4 fragment carries a UDP header;
+ *  - frames whose Ethernet destination is the bridge's MAC;
  *  - ARP whose target protocol address is a bridge IPv4 address, and ICMPv6 neighbour
- *    solicitations whose target is a bridge IPv6 address (a guest renewing its lease by
- *    unicast first resolves the server's address).
- * For those we return TC_ACT_OK, which in direct-action mode ends tc classification and lets
- * the packet continue up the stack to the bridge's rx_handler - the same effect as the u32
- * "classid, no action" filters of the mirror variant. Both directions apply the same rules.
+ *    solicitations whose target is a bridge IPv6 address.
+ * Everything else: tap -> veth by bpf_redirect_peer() (into the ingress of the veth's peer on
+ * the node, skipping veth_xmit and the backlog hop) when VM_F_REDIRECT_PEER is set, else
+ * bpf_redirect() to the peer device's egress; veth -> tap by bpf_redirect() to the tap.
  *
- * Compiled by bcc at run time (node_helper/vm_mirror.py, _bpf_cflags) with:
- *   -DTAP_IFINDEX=<n> -DVETH_IFINDEX=<n>   the two bridge ports in the launcher netns
- *   -DREDIRECT_PEER=0|1                    tap -> veth by bpf_redirect_peer (see above)
- *   -DBRIDGE_HAS_MAC=0|1 -DBRIDGE_MAC_HI=<bytes 0-3> -DBRIDGE_MAC_LO=<bytes 4-5>
- *                                          the bridge's MAC as host-order integers
- *   -D'IS_BRIDGE_IP4(a)=(0||(a)==0x...U||...)'
- *   -D'IS_BRIDGE_IP6(a,b,c,d)=(0||((a)==0x...U&&(b)==...&&(d)==...)||...)'
- *                                          the bridge's addresses (host-order words)
- * read when the program is built: a changed set needs a re-apply (which rebuilds it).
- * One object holds both directions, so they share one counters map, which user space finds
- * again after a restart through the program id in the tc filter dump (prog -> map ids).
+ * Compiled once per node (node_helper/vm/bpf.py) and pinned with its two maps; each device
+ * is configured by an entry of `vm_config`, keyed by the id in its filter's classid (see
+ * struct vm_dev_key). A device without a matching entry (none, or one for another ifindex)
+ * is not ours or is being set up / torn down: its frames go to the bridge (fail open).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/pkt_cls.h>
 
-#ifndef TAP_IFINDEX
-#error "TAP_IFINDEX must be defined"
+#include "netaccel_abi.h"
+
+#ifndef VM_PIN_DIR
+#error "VM_PIN_DIR must be defined (the pin folder of the maps, as a string)"
 #endif
-#ifndef VETH_IFINDEX
-#error "VETH_IFINDEX must be defined"
-#endif
-#ifndef REDIRECT_PEER
-#define REDIRECT_PEER 0
-#endif
-#ifndef BRIDGE_HAS_MAC
-#define BRIDGE_HAS_MAC 0
-#define BRIDGE_MAC_HI 0
-#define BRIDGE_MAC_LO 0
-#endif
-#ifndef IS_BRIDGE_IP4
-#define IS_BRIDGE_IP4(a) 0
-#endif
-#ifndef IS_BRIDGE_IP6
-#define IS_BRIDGE_IP6(a, b, c, d) 0
+#ifndef VM_PROG
+#define VM_PROG netaccel_vm
 #endif
 
+#define ETH_P_ARP_ 0x0806
 #define NEXTHDR_ICMPV6 58
 #define ICMPV6_NEIGHBOUR_SOLICITATION 135
+#define IP_FRAG_OFFSET 0x1fff /* host order, after bpf_ntohs of frag_off */
 
-/* Counter slots; keep in sync with COUNTER_SLOTS in node_helper/vm_mirror.py. */
-#define SLOT_TAP_TO_VETH 0   /* redirected tap -> veth (to the peer's ingress or egress) */
-#define SLOT_VETH_TO_TAP 1   /* redirected veth -> tap */
-#define SLOT_TAP_TO_BRIDGE 2 /* from the guest, passed to the bridge (DHCP, launcher) */
-#define SLOT_VETH_TO_BRIDGE 3 /* from the pod side, passed to the bridge (DHCP, launcher) */
+/* Both maps are pinned by bcc at VM_PIN_DIR (created there if missing, reused if present),
+ * so a program compiled later shares them with the one already attached. */
+BPF_TABLE_PINNED("hash", struct vm_dev_key, struct vm_dev_config, vm_config, 4096,
+		 VM_PIN_DIR "/config");
+BPF_TABLE_PINNED("percpu_hash", struct vm_dev_key, struct vm_dev_counters, vm_counters, 4096,
+		 VM_PIN_DIR "/counters");
 
-struct counter {
-    u64 packets;
-    u64 bytes;
-};
-
-/* Per-CPU: no atomics on the hot path; user space sums the CPUs. */
-BPF_PERCPU_ARRAY(counters, struct counter, 4);
-
-static __always_inline void count(u32 slot, struct __sk_buff *skb)
+/*
+ * Make sure the first `need` bytes of the frame are in the linear area, where direct packet
+ * access (skb->data .. skb->data_end) can read them. Usually they are (small frames are
+ * linear; GSO frames carry all their headers in the linear part). When not, and the frame is
+ * that long, pull them in with bpf_skb_pull_data - only for the few bytes the classification
+ * needs beyond the IP header (UDP ports, ARP/NS targets), never for TCP, so the hot path
+ * never pulls (a pull can copy a cloned header). A frame shorter than `need` has no such
+ * header: returns 0 and the caller classifies it as "not for the launcher".
+ * The helper invalidates every packet pointer: callers re-read data/data_end after it.
+ */
+static __always_inline int linear(struct __sk_buff *skb, __u32 need)
 {
-    struct counter *c = counters.lookup(&slot);
-
-    if (c) {
-        c->packets += 1;
-        c->bytes += skb->len;
-    }
+	if ((void *)(long)skb->data + need <= (void *)(long)skb->data_end)
+		return 1;
+	if (need > skb->len)
+		return 0;
+	return bpf_skb_pull_data(skb, need) == 0;
 }
 
-/* UDP destination port (host order) of an IPv4/IPv6 packet, or 0 if it is not UDP (or not
- * the first fragment). Offsets are from the Ethernet header: at tc ingress cls_bpf sees the
- * frame from its MAC header. bpf_skb_load_bytes copes with non-linear skbs. */
-static __always_inline u16 udp_dport(struct __sk_buff *skb)
+/* IPv4: UDP to a DHCP port (first fragment only; header length from IHL, so options are
+ * honoured). */
+static __always_inline int ipv4_for_bridge(struct __sk_buff *skb)
 {
-    __be16 port;
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	__u8 *ip = data + ETH_HLEN;
+	__u32 ihl, off;
+	__u16 frag, dport;
+	__u8 *udp;
 
-    if (skb->protocol == bpf_htons(ETH_P_IP)) {
-        u8 ver_ihl, proto;
-        __be16 frag;
-
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ver_ihl, 1) < 0 ||
-            bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, 2) < 0 ||
-            bpf_skb_load_bytes(skb, ETH_HLEN + 9, &proto, 1) < 0)
-            return 0;
-        /* Only the first fragment carries the UDP header. */
-        if (proto != IPPROTO_UDP || (bpf_ntohs(frag) & 0x1fff))
-            return 0;
-        /* Unlike the u32 variant, honour IP options: the header length is IHL * 4. */
-        if (bpf_skb_load_bytes(skb, ETH_HLEN + (ver_ihl & 0x0f) * 4 + 2, &port, 2) < 0)
-            return 0;
-        return bpf_ntohs(port);
-    }
-    if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        u8 nexthdr;
-
-        /* DHCPv6 carries no extension headers in practice: UDP must follow directly. */
-        if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &nexthdr, 1) < 0 || nexthdr != IPPROTO_UDP)
-            return 0;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN + 40 + 2, &port, 2) < 0)
-            return 0;
-        return bpf_ntohs(port);
-    }
-    return 0;
+	/* The verifier only allows reads it can prove to be below data_end: every access needs
+	 * a compare against `end` on the same (or a derived) pointer first. */
+	if (ip + 20 > (__u8 *)end)
+		return 0;
+	if (ip[9] != IPPROTO_UDP)
+		return 0;
+	/* frag_off is big endian on the wire: bytes 6-7, low 13 bits the offset in 8-byte
+	 * units. A non-first fragment has no UDP header, whatever its bytes look like. */
+	frag = ((__u16)ip[6] << 8) | ip[7];
+	if (frag & IP_FRAG_OFFSET)
+		return 0;
+	ihl = (ip[0] & 0x0f) * 4;
+	if (ihl < 20)
+		return 0;
+	off = ETH_HLEN + ihl; /* 34..74: the verifier tracks this bounded variable offset */
+	if (!linear(skb, off + 4))
+		return 0;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	udp = data + off;
+	if (udp + 4 > (__u8 *)end)
+		return 0;
+	dport = ((__u16)udp[2] << 8) | udp[3]; /* network (big endian) order to host */
+	return dport == 67 || dport == 68;
 }
 
-static __always_inline int is_dhcp(struct __sk_buff *skb)
+/* IPv6: DHCPv6 (UDP dport 546/547) or a neighbour solicitation for a bridge address. Neither
+ * carries extension headers in practice: UDP / ICMPv6 must follow the fixed header. */
+static __always_inline int ipv6_for_bridge(struct __sk_buff *skb,
+					   const struct vm_dev_config *cfg)
 {
-    u16 dport = udp_dport(skb);
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	__u8 *ip6 = data + ETH_HLEN;
+	__u8 nexthdr;
+	__u32 t[4];
+	int i;
 
-    if (skb->protocol == bpf_htons(ETH_P_IP))
-        return dport == 67 || dport == 68;
-    return dport == 546 || dport == 547;
+	if (ip6 + 40 > (__u8 *)end)
+		return 0;
+	nexthdr = ip6[6];
+	if (nexthdr == IPPROTO_UDP) {
+		__u8 *udp;
+		__u16 dport;
+
+		if (!linear(skb, ETH_HLEN + 40 + 4))
+			return 0;
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		udp = data + ETH_HLEN + 40;
+		if (udp + 4 > (__u8 *)end)
+			return 0;
+		dport = ((__u16)udp[2] << 8) | udp[3];
+		return dport == 546 || dport == 547;
+	}
+	if (nexthdr != NEXTHDR_ICMPV6 || !cfg->n_ip6)
+		return 0;
+	/* ICMPv6 type at 0, target address at 8 of the ICMPv6 header: 24 bytes in all. */
+	if (!linear(skb, ETH_HLEN + 40 + 24))
+		return 0;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	if (data + ETH_HLEN + 40 + 24 > end)
+		return 0;
+	if (*(__u8 *)(data + ETH_HLEN + 40) != ICMPV6_NEIGHBOUR_SOLICITATION)
+		return 0;
+	/* The target is not 4-byte aligned in the frame: copy it out (byte loads where
+	 * needed) and compare raw words, which are in network order on both sides. */
+	__builtin_memcpy(t, data + ETH_HLEN + 40 + 8, 16);
+#pragma unroll
+	for (i = 0; i < VM_MAX_IP6; i++) {
+		if (i < cfg->n_ip6 && t[0] == cfg->ip6[4 * i] && t[1] == cfg->ip6[4 * i + 1] &&
+		    t[2] == cfg->ip6[4 * i + 2] && t[3] == cfg->ip6[4 * i + 3])
+			return 1;
+	}
+	return 0;
 }
 
-/* Is the frame meant for the launcher itself (the bridge's own MAC or addresses)? */
-static __always_inline int for_launcher(struct __sk_buff *skb)
+/* ARP (IPv4 over Ethernet) whose target protocol address is a bridge address. */
+static __always_inline int arp_for_bridge(struct __sk_buff *skb,
+					  const struct vm_dev_config *cfg)
 {
-    if (BRIDGE_HAS_MAC) {
-        __be32 hi;
-        __be16 lo;
+	void *data, *end;
+	__u8 *arp;
+	__u32 tpa;
+	int i;
 
-        if (bpf_skb_load_bytes(skb, 0, &hi, 4) == 0 && bpf_skb_load_bytes(skb, 4, &lo, 2) == 0 &&
-            bpf_ntohl(hi) == BRIDGE_MAC_HI && bpf_ntohs(lo) == BRIDGE_MAC_LO)
-            return 1;
-    }
-    if (skb->protocol == bpf_htons(ETH_P_ARP)) {
-        __be16 ptype;
-        __be32 tpa;
-
-        /* Protocol type at 2, target protocol address at 24 of the ARP header. */
-        if (bpf_skb_load_bytes(skb, ETH_HLEN + 2, &ptype, 2) < 0 ||
-            ptype != bpf_htons(ETH_P_IP) ||
-            bpf_skb_load_bytes(skb, ETH_HLEN + 24, &tpa, 4) < 0)
-            return 0;
-        return IS_BRIDGE_IP4(bpf_ntohl(tpa));
-    }
-    if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        u8 nexthdr, type;
-        __be32 t[4];
-
-        /* A neighbour solicitation carries no extension headers: ICMPv6 follows directly,
-         * its target address at 8 of the ICMPv6 header. */
-        if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &nexthdr, 1) < 0 || nexthdr != NEXTHDR_ICMPV6 ||
-            bpf_skb_load_bytes(skb, ETH_HLEN + 40, &type, 1) < 0 ||
-            type != ICMPV6_NEIGHBOUR_SOLICITATION ||
-            bpf_skb_load_bytes(skb, ETH_HLEN + 48, t, 16) < 0)
-            return 0;
-        return IS_BRIDGE_IP6(bpf_ntohl(t[0]), bpf_ntohl(t[1]), bpf_ntohl(t[2]), bpf_ntohl(t[3]));
-    }
-    return 0;
+	if (!cfg->n_ip4 || !linear(skb, ETH_HLEN + 28))
+		return 0;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	arp = data + ETH_HLEN;
+	if (arp + 28 > (__u8 *)end)
+		return 0;
+	/* Protocol type (bytes 2-3, big endian) IPv4; target protocol address at 24. */
+	if (arp[2] != 0x08 || arp[3] != 0x00)
+		return 0;
+	__builtin_memcpy(&tpa, arp + 24, 4); /* unaligned; stays in network order */
+#pragma unroll
+	for (i = 0; i < VM_MAX_IP4; i++) {
+		if (i < cfg->n_ip4 && tpa == cfg->ip4[i])
+			return 1;
+	}
+	return 0;
 }
 
-/* Attached to the tap's ingress: frames the guest sent. */
-int tap_to_veth(struct __sk_buff *skb)
+/* Is the frame for the bridge (the launcher), not for the other port? */
+static __always_inline int for_bridge(struct __sk_buff *skb, const struct vm_dev_config *cfg)
 {
-    if (for_launcher(skb) || is_dhcp(skb)) {
-        count(SLOT_TAP_TO_BRIDGE, skb);
-        return TC_ACT_OK;
-    }
-    count(SLOT_TAP_TO_VETH, skb);
-    if (REDIRECT_PEER)
-        /* Ingress of the veth's peer (the node side): the frame arrives there as if the
-         * veth had sent it, without the veth_xmit + backlog queue hop. The kernel scrubs
-         * the skb (netns switch) and re-runs the receive path on the peer; it drops the
-         * frame if the target has no peer (not a veth/netkit), the peer is down or in this
-         * same netns - hence the decision in user space. bcc's helpers.h declares the
-         * helper (BPF_FUNC_redirect_peer, id 155, in the 6.1 uapi headers too). */
-        return bpf_redirect_peer(VETH_IFINDEX, 0);
-    /* Egress of the veth: the frame leaves towards the node as if the bridge had
-     * forwarded it. */
-    return bpf_redirect(VETH_IFINDEX, 0);
+	void *data, *end;
+	struct ethhdr *eth;
+	__u16 proto;
+
+	if (!linear(skb, ETH_HLEN))
+		return 0;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > end)
+		return 0;
+	if (cfg->flags & VM_F_HAS_MAC) {
+		__u32 hi_pkt, hi_cfg;
+		__u16 lo_pkt, lo_cfg;
+
+		__builtin_memcpy(&hi_pkt, eth->h_dest, 4);
+		__builtin_memcpy(&lo_pkt, eth->h_dest + 4, 2);
+		__builtin_memcpy(&hi_cfg, cfg->mac, 4);
+		__builtin_memcpy(&lo_cfg, cfg->mac + 4, 2);
+		if (hi_pkt == hi_cfg && lo_pkt == lo_cfg)
+			return 1;
+	}
+	/* h_proto is big endian; the switch compares with constants converted at compile time.
+	 * (skb->protocol would do as well: at tc ingress it is the same field.) */
+	proto = eth->h_proto;
+	if (proto == bpf_htons(ETH_P_IP))
+		return ipv4_for_bridge(skb);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return ipv6_for_bridge(skb, cfg);
+	if (proto == bpf_htons(ETH_P_ARP_))
+		return arp_for_bridge(skb, cfg);
+	return 0;
 }
 
-/* Attached to the veth's ingress: frames from the pod network towards the guest. */
-int veth_to_tap(struct __sk_buff *skb)
+int VM_PROG(struct __sk_buff *skb)
 {
-    if (for_launcher(skb) || is_dhcp(skb)) {
-        count(SLOT_VETH_TO_BRIDGE, skb);
-        return TC_ACT_OK;
-    }
-    count(SLOT_VETH_TO_TAP, skb);
-    return bpf_redirect(TAP_IFINDEX, 0);
+	struct vm_dev_key key = {};
+	struct vm_dev_config *cfg;
+	struct vm_dev_counters *cnt;
+	__u32 len = skb->len; /* before a pull (which does not change it anyway) */
+	int bridge;
+
+	/* cls_bpf copies the filter's classid into the skb before it runs the program. */
+	key.id = skb->tc_classid;
+	cfg = vm_config.lookup(&key);
+	if (!cfg || cfg->ifindex != skb->ifindex) /* skb->ifindex: the device of this hook */
+		return TC_ACT_OK;
+	bridge = for_bridge(skb, cfg);
+	cnt = vm_counters.lookup(&key); /* per-CPU: plain adds, no atomics */
+	if (cnt) {
+		if (bridge) {
+			cnt->bridge_packets += 1;
+			cnt->bridge_bytes += len;
+		} else {
+			cnt->redirected_packets += 1;
+			cnt->redirected_bytes += len;
+		}
+	}
+	if (bridge)
+		return TC_ACT_OK;
+	if (cfg->flags & VM_F_REDIRECT_PEER)
+		/* The kernel scrubs the skb (netns switch) and runs the peer's receive path; it
+		 * drops the frame if the target has no peer or the peer is in this netns, which
+		 * user space rules out before setting the flag. */
+		return bpf_redirect_peer(cfg->peer_ifindex, 0);
+	return bpf_redirect(cfg->peer_ifindex, 0);
 }

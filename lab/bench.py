@@ -254,7 +254,8 @@ def bench_vm(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
     """qperf from a testbed VM's guest to a pod: bridge vs each accelerated variant.
 
     With rounds > 1 every figure is the median of that many alternating measurements."""
-    from node_helper import vm_mirror
+    from lab.testbed import is_tap
+    from node_helper import vm as vm_api
 
     points = [(t, s) for s in sizes for t in tests]
     rows: list[Row] = []
@@ -264,10 +265,11 @@ def bench_vm(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
 
         def apply(variant: str) -> None:
             if variant == "bridge":
-                vm_mirror.restore(vm.launcher_netns)
+                vm_api.restore(vm.launcher_netns, is_tap=is_tap)
             else:
                 datapath, checksum = _VM_SETTINGS[variant]
-                vm_mirror.accelerate(vm.launcher_netns, datapath=datapath, checksum=checksum)
+                vm_api.accelerate(vm.launcher_netns, datapath=datapath, checksum=checksum,
+                                     is_tap=is_tap)
 
         try:
             for n, (test, size) in enumerate(points, 1):
@@ -282,7 +284,7 @@ def bench_vm(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                 progress(f"[{n}/{len(points)}] {test:7s} {human_size(size):>6s}  " + "  ".join(
                     f"{v} {fig[v]:.2f}" for v in variants) + f" {UNITS[test]}")
         finally:
-            vm_mirror.restore(vm.launcher_netns)
+            vm_api.restore(vm.launcher_netns, is_tap=is_tap)
     return rows
 
 

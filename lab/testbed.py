@@ -37,13 +37,21 @@ from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from node_helper.kernel import NETNS_DIR, netns_argv, remove_netns
+from node_helper.vm import Link
 
 PREFIX = "na"
 TAP_STANDIN_ALIAS = "netaccel-testbed-tap"
 QEMU_DOMAIN_PREFIX = "netaccel-tb"
 GUEST_UDP_PORT = 7777  # QEMU guests send "netaccel-guest <ip>" here on pod0
 NODE_BRIDGE = "br0"
+MAX_PODS, MAX_VMS, MAX_QEMU_VMS = 80, 100, 55
 _NS_RE = re.compile(rf"^{PREFIX}(\d+)-(node|pod(\d+)|vm(\d+)g?)$")
+
+
+def is_tap(link: Link) -> bool:
+    """The lab's tap classifier for the VM datapath: a real tun/tap, or the netns guests'
+    veth stand-in (marked with TAP_STANDIN_ALIAS). Pass it as `is_tap=` to the VM API."""
+    return link.kind == "tun" or (link.kind == "veth" and link.alias == TAP_STANDIN_ALIAS)
 
 
 class TestbedError(RuntimeError):
@@ -122,10 +130,14 @@ class Testbed:
         on k6t-eth0 (standing in for virt-launcher's DHCP server). With `paused`, QEMU guests
         wait with stopped vCPUs until `resume_qemu_guests()` (to set up a datapath first).
         """
-        if pods < 0 or vms < 0 or pods > 80 or vms > 80:
-            raise TestbedError("pods and vms must each be between 0 and 80")
         if guest not in ("netns", "qemu"):
             raise TestbedError(f"guest must be 'netns' or 'qemu', not {guest!r}")
+        # Address plan of 10.251.<k>.0/24: pods .10+i, VMs .100+j, QEMU guests' DHCP servers
+        # .200+j (so at most 55 QEMU guests).
+        most_vms = MAX_QEMU_VMS if guest == "qemu" else MAX_VMS
+        if pods < 0 or vms < 0 or pods > MAX_PODS or vms > most_vms:
+            raise TestbedError(f"pods must be between 0 and {MAX_PODS}, vms between 0 and "
+                               f"{most_vms} ({guest} guests)")
         taken = set(existing_numbers())
         if number is None:
             free = [n for n in range(1, 250) if n not in taken]

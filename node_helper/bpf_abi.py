@@ -23,7 +23,8 @@ from node_helper import kernel
 HEADER = "netaccel_abi.h"
 _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
 _STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{(.*?)\};", re.S)
-_FIELD_RE = re.compile(r"^(__u8|__u16|__u32|__u64)\s+(\w+)(?:\[(\d+)\])?;$")
+_FIELD_RE = re.compile(r"^(__u8|__u16|__u32|__u64)\s+(\w+)(?:\[(\w+)\])?;$")
+_DEFINE_RE = re.compile(r"^#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$", re.M)
 
 
 class AbiError(RuntimeError):
@@ -63,6 +64,23 @@ class Layout:
             out.append(f"{self.size - pos}x")
         return "".join(out)
 
+    def pack(self, **values: Any) -> bytes:
+        """One instance from field values (missing fields are zero; arrays as sequences)."""
+        unknown = set(values) - set(self.names)
+        if unknown:
+            raise AbiError(f"struct {self.name} has no field(s) {sorted(unknown)}")
+        flat: list[int] = []
+        for f in self.fields:
+            value = values.get(f.name, 0)
+            if f.count == 1:
+                flat.append(value)
+            else:
+                items = list(value) if value else []
+                if len(items) > f.count:
+                    raise AbiError(f"{self.name}.{f.name} holds {f.count}, got {len(items)}")
+                flat += items + [0] * (f.count - len(items))
+        return struct.pack(self.format, *flat)
+
     def unpack(self, raw: bytes, offset: int = 0) -> dict[str, Any]:
         """Field name -> int (scalars) or tuple (arrays)."""
         values = list(struct.unpack_from(self.format, raw, offset))
@@ -73,10 +91,21 @@ class Layout:
         return out
 
 
+def _strip_comments(text: str) -> str:
+    return re.sub(r"//[^\n]*", "", re.sub(r"/\*.*?\*/", "", text, flags=re.S))
+
+
+def parse_constants(text: str) -> dict[str, int]:
+    """Every `#define NAME <integer>` of the header text."""
+    return {name: int(value, 0) for name, value in _DEFINE_RE.findall(_strip_comments(text))}
+
+
 def parse(text: str) -> dict[str, Layout]:
-    """Every `struct name { ... };` of the header text, laid out with natural alignment."""
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    text = re.sub(r"//[^\n]*", "", text)
+    """Every `struct name { ... };` of the header text, laid out with natural alignment.
+
+    Array sizes are integers or names of the header's integer #defines."""
+    consts = parse_constants(text)
+    text = _strip_comments(text)
     layouts = {}
     for name, body in _STRUCT_RE.findall(text):
         fields, offset, align = [], 0, 1
@@ -84,7 +113,10 @@ def parse(text: str) -> dict[str, Layout]:
             m = _FIELD_RE.match(line)
             if not m:
                 raise AbiError(f"{HEADER}: struct {name}: cannot read field {line!r}")
-            ctype, fname, count = m.group(1), m.group(2), int(m.group(3) or 1)
+            ctype, fname, dim = m.group(1), m.group(2), m.group(3) or "1"
+            if not dim.isdigit() and dim not in consts:
+                raise AbiError(f"{HEADER}: struct {name}: unknown array size {dim!r}")
+            count = int(dim) if dim.isdigit() else consts[dim]
             size = struct.calcsize(_TYPES[ctype])
             offset = -(-offset // size) * size
             fields.append(Field(fname, ctype, count, offset))
@@ -99,6 +131,19 @@ def layouts() -> dict[str, Layout]:
     return parse(kernel.bpf_source(HEADER).read_text())
 
 
+@functools.cache
+def constants() -> dict[str, int]:
+    """The header's integer #defines (flags, limits)."""
+    return parse_constants(kernel.bpf_source(HEADER).read_text())
+
+
+def constant(name: str) -> int:
+    try:
+        return constants()[name]
+    except KeyError:
+        raise AbiError(f"{HEADER} has no #define {name}") from None
+
+
 def layout(name: str) -> Layout:
     try:
         return layouts()[name]
@@ -107,9 +152,10 @@ def layout(name: str) -> Layout:
 
 
 def _check(what: str, ctype: Any, want: Layout) -> None:
-    if issubclass(ctype, ctypes.Array):  # a per-CPU value: bcc gives one element per CPU
+    if issubclass(ctype, ctypes.Array):  # a per-CPU value: one element per CPU
         ctype = ctype._type_
-    have = [name for name, *_ in getattr(ctype, "_fields_", [])]
+    # bcc names the padding it makes explicit __pad_<n> / __pad_end: not fields of ours
+    have = [name for name, *_ in getattr(ctype, "_fields_", []) if not name.startswith("__pad")]
     if ctypes.sizeof(ctype) != want.size or (have and have != list(want.names)):
         raise AbiError(f"{what}: the BPF program has {have} ({ctypes.sizeof(ctype)} bytes), "
                        f"{HEADER} says {list(want.names)} ({want.size} bytes)")
@@ -120,5 +166,5 @@ def check_map(bpf: Any, map_name: str, key: str | None = None, value: str | None
     table = bpf.get_table(map_name.encode())
     if key:
         _check(f"{map_name} key", table.Key, layout(key))
-    if value:
-        _check(f"{map_name} value", table.Leaf, layout(value))
+    if value:  # per-CPU tables keep the one-CPU type in sLeaf (Leaf is an array of them)
+        _check(f"{map_name} value", getattr(table, "sLeaf", table.Leaf), layout(value))

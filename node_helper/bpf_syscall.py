@@ -1,6 +1,6 @@
 """The bpf() syscall through ctypes: pinned objects, maps, program attach/query/info.
 
-Shared by the datapaths (sockets, vm_mirror) and doctor. User space reads and writes maps
+Shared by the datapaths (sockets, vm) and doctor. User space reads and writes maps
 this way, so status and clean-up need neither bcc nor kernel headers.
 """
 

@@ -91,21 +91,21 @@ def cmd_bypass(args: argparse.Namespace) -> int:
 # --- vm ------------------------------------------------------------------------
 
 def cmd_vm(args: argparse.Namespace) -> int:
-    from node_helper import vm_mirror
+    from node_helper import vm
 
     if args.action == "accelerate":
-        result = vm_mirror.accelerate(args.netns, args.interface, datapath=args.datapath,
-                                      checksum=args.checksum)
+        result = vm.accelerate(args.netns, args.interface, datapath=args.datapath,
+                               checksum=args.checksum)
         print(f"{args.netns}/{args.interface}: {args.datapath} datapath, checksum "
               f"{args.checksum}", file=sys.stderr)
         if args.json:
             print_json(result)
         return exitcodes.OK
     if args.action == "restore":
-        vm_mirror.restore(args.netns, args.interface)
+        vm.restore(args.netns, args.interface)
         print(f"{args.netns}/{args.interface}: restored", file=sys.stderr)
         return exitcodes.OK
-    show(vm_mirror.status(args.netns, args.interface), args.json)
+    show(vm.status(args.netns, args.interface), args.json)
     return exitcodes.OK
 
 

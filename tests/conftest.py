@@ -1,12 +1,21 @@
-"""Session-wide set-up for every test.
-
-Each run takes its own agent instance name (node_helper.kernel.instance): its pins, lock
-files and BPF program names differ from a node's agent and from any other test run on the
-same host, so two runs never detach or unpin each other's programs.
-"""
+"""Session-wide: a NETACCEL_INSTANCE of its own, so pins and locks never meet a real agent's
+(or another test run's), and nothing of it is left under /sys/fs/bpf afterwards."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
-os.environ["NETACCEL_INSTANCE"] = f"t{os.getpid():x}"[:11]
+import pytest
+
+os.environ.setdefault("NETACCEL_INSTANCE", f"nt{os.getpid() % 10**8}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_vm_pins_left() -> Iterator[None]:
+    yield
+    from node_helper import kernel
+    from node_helper.vm import bpf
+
+    bpf.unpin_all()
+    kernel.lock_file("vm").unlink(missing_ok=True)

@@ -7,7 +7,7 @@ exchange, its renewal and its traffic all cross the accelerated launcher.
 
 The renewal (busybox udhcpc, SIGUSR1) is unicast from the leased address to the server's
 address on the bridge: the guest first ARPs for the server, so the datapath must pass ARP for
-the bridge's addresses and frames to the bridge's MAC (node_helper/vm_mirror.py). If the
+the bridge's addresses and frames to the bridge's MAC (node_helper/vm/). If the
 unicast attempts fail, udhcpc falls back to a broadcast REQUEST (rebinding), which the DHCP
 rule alone lets through and which also prints NETACCEL-RENEW: so the test captures what
 reaches the bridge and requires the unicast REQUEST to the server among it.
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.testbed import GUEST_UDP_PORT, Testbed
-from node_helper import vm_mirror
+from lab.testbed import GUEST_UDP_PORT, Testbed, is_tap
+from node_helper import vm as vm_api
 from node_helper.kernel import in_netns
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -78,7 +78,8 @@ def accelerated_qemu_bed(request: pytest.FixtureRequest, libvirt_ready: None,
     capture = None
     try:
         vm = bed.vms[0]
-        st = vm_mirror.accelerate(vm.launcher_netns, datapath=request.param, checksum="off")
+        st = vm_api.accelerate(vm.launcher_netns, datapath=request.param, checksum="off",
+                               is_tap=is_tap)
         # The DHCP server's address (added by the testbed before this) is passed to the bridge.
         assert len(st["launcher"]["ipv4"]) == 2, st["launcher"]
         capture = BridgeCapture(vm.launcher_netns)
@@ -88,6 +89,8 @@ def accelerated_qemu_bed(request: pytest.FixtureRequest, libvirt_ready: None,
         if capture is not None:
             with contextlib.suppress(Exception):
                 capture.close()
+        with contextlib.suppress(Exception):  # before the netns goes: unpins the program
+            vm_api.restore(bed.vms[0].launcher_netns, is_tap=is_tap)
         bed.destroy()
 
 
@@ -117,7 +120,7 @@ def test_dhcp_lease_and_renewal_through_the_datapath(
     while server not in capture.dhcp_dst and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server in capture.dhcp_dst, (capture.dhcp_dst, _console(bed), dhcp_log)
-    status = vm_mirror.status(vm.launcher_netns)
+    status = vm_api.status(vm.launcher_netns, is_tap=is_tap)
     assert status["datapath"] == datapath  # still in place after both exchanges
     assert status["launcher_current"] is True
 
@@ -147,5 +150,5 @@ def test_guest_reaches_pod_over_udp_with_checksum_offload_off(
         assert (data, peer) == (b"echo-me", (vm.ipv4, 7))
     # the hook's XML reached QEMU: the guest negotiated no checksum offload either way
     assert "NETACCEL-CSUM host=0 guest=0" in _console(bed)
-    counters = vm_mirror.status(vm.launcher_netns)["directions"]
+    counters = vm_api.status(vm.launcher_netns, is_tap=is_tap)["directions"]
     assert counters["tap_to_veth"]["packets"] > 0 and counters["veth_to_tap"]["packets"] > 0

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from pyroute2 import netns
+from pyroute2 import NetNS, netns
 
 from lab.testbed import Testbed
 from node_helper import sockets
@@ -26,8 +26,24 @@ def bed():
         yield tb
 
 
-def test_vm_accelerate_status_restore(bed: Testbed) -> None:
+@pytest.fixture
+def tap_bed(bed: Testbed):
+    """The VM with a real tun/tap as tap0: the CLI recognises only real taps (the default
+    classifier), not the testbed's veth stand-in."""
+    from tests.kernel.test_vm_mirror import _add_real_tap
+
     ns = bed.vms[0].launcher_netns
+    with NetNS(ns) as ipr:
+        ipr.link("del", index=ipr.link_lookup(ifname="tap0")[0])
+    _add_real_tap(ns, "tap0")
+    try:
+        yield bed
+    finally:
+        netaccel("vm", "restore", "--netns", ns)
+
+
+def test_vm_accelerate_status_restore(tap_bed: Testbed) -> None:
+    ns = tap_bed.vms[0].launcher_netns
     on = netaccel("vm", "accelerate", "--netns", ns, "--datapath", "mirror", "--json")
     assert on.returncode == 0, on.stderr
     assert json.loads(on.stdout)["datapath"] == "mirror"

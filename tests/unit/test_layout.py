@@ -27,7 +27,7 @@ def test_no_agent_module_imports_the_lab() -> None:
 
 
 def test_the_agent_cli_loads_no_lab_module() -> None:
-    code = ("import sys, node_helper.cli, node_helper.sockets, node_helper.vm_mirror, "
+    code = ("import sys, node_helper.cli, node_helper.sockets, node_helper.vm.api, "
             "node_helper.doctor; node_helper.cli.build_parser(); "
             "print(sorted(m for m in sys.modules if m == 'lab' or m.startswith('lab.')))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
