@@ -1,4 +1,4 @@
-"""Small shared kernel plumbing: cgroup v2 root, bpffs, netns entry, bcc headers.
+"""Small shared kernel plumbing: cgroup v2 root, bpffs, netns entry, instance names, bcc.
 
 Everything here is a thin, explicit wrapper; the datapath modules build on it.
 """
