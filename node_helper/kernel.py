@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import platform
 import re
@@ -142,6 +143,17 @@ def pin_dir(part: str) -> Path:
 def lock_file(part: str) -> Path:
     """The lock that serialises changes to datapath `part` between processes."""
     return Path("/run") / f"{instance()}-{part}.lock"
+
+
+@contextlib.contextmanager
+def locked(part: str) -> Iterator[None]:
+    """Hold datapath `part`'s lock (flock on lock_file(part)) for the body."""
+    with open(lock_file(part), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --- BPF sources and bcc ---------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import ipaddress
 import os
 import struct
@@ -51,7 +50,6 @@ from node_helper.kernel import KernelFeatureError
 
 BPF_SOURCE = "sockmap.c"
 PIN_DIR = kernel.pin_dir("bypass")
-LOCK_FILE = kernel.lock_file("bypass")
 PROG_OPS_NAME = f"{kernel.instance()}_ops"
 PROG_MSG_NAME = f"{kernel.instance()}_msg"
 # pin name -> bcc object name
@@ -172,17 +170,6 @@ def _cleanup(cgroup_fd: int | None) -> None:
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    """Serialise enable/disable between processes on this node."""
-    with open(LOCK_FILE, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def _cgroup_fd() -> Iterator[tuple[Path, int]]:
     cg = _cgroup_root()
     with closing(os.open(cg, os.O_RDONLY | os.O_DIRECTORY)) as fd:
@@ -200,7 +187,7 @@ def enable(cidrs: Sequence[str]) -> dict[str, Any]:
     or pinned. Raises ValueError for bad CIDRs, KernelFeatureError for a missing feature.
     """
     nets = parse_cidrs(cidrs)
-    with _locked(), _cgroup_fd() as (cg, cgfd):
+    with kernel.locked("bypass"), _cgroup_fd() as (cg, cgfd):
         kernel.ensure_bpffs()
         if _is_enabled(cgfd):
             _set_accel(nets)
@@ -216,7 +203,7 @@ def enable(cidrs: Sequence[str]) -> dict[str, Any]:
 
 def disable() -> None:
     """Detach and unpin everything of ours. Safe when nothing is enabled."""
-    with _locked():
+    with kernel.locked("bypass"):
         try:
             cg = _cgroup_root()
         except KernelFeatureError:  # no cgroup v2: nothing can be attached; just unpin

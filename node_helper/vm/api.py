@@ -14,7 +14,7 @@ from typing import Any
 from pyroute2 import NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_helper import bpf_syscall
+from node_helper import bpf_syscall, kernel
 from node_helper import tc_netlink as tc
 from node_helper.vm import bpf, mirror
 from node_helper.vm.devices import (
@@ -175,7 +175,7 @@ def accelerate(netns: str, interface: str = "eth0", datapath: str = "bpf",
         plans = [_plan(ns, dev, peer, datapath, checksum, features,
                        peer_redirect and dev == devs.tap)
                  for dev, peer in ((devs.tap, devs.veth), (devs.veth, devs.tap))]
-        with bpf.locked():
+        with kernel.locked("vm"):
             uses_bpf = datapath == "bpf" or any(f.role == "bpf" for p in plans
                                                 for f in p.filters)
             cookie = bpf.netns_cookie(netns) if uses_bpf else None
@@ -190,7 +190,7 @@ def accelerate(netns: str, interface: str = "eth0", datapath: str = "bpf",
 
 def restore(netns: str, interface: str = "eth0", is_tap: IsTap = is_real_tap) -> None:
     """Return the tap and veth to their exact state before `accelerate` (no-op if none)."""
-    with open_netns(netns) as ns, bpf.locked():
+    with open_netns(netns) as ns, kernel.locked("vm"):
         try:
             devs = find(ns, netns, interface, is_tap)
             links = [devs.tap, devs.veth]

@@ -18,7 +18,6 @@ kernel.lock_file("vm"); reading (status) needs neither the lock nor bcc.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import socket
@@ -96,18 +95,6 @@ def config_value(state: State, launcher: Launcher, cookie: int, dev: Link) -> by
 # --- the pinned objects ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def locked() -> Iterator[None]:
-    """Serialise changes to the VM datapath's pins and maps between processes."""
-    path = kernel.lock_file("vm")
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _cflags() -> list[str]:
     return [f'-DVM_PIN_DIR="{pin_dir()}"', f"-DVM_PROG={prog_name()}", "-w"]
 
@@ -145,7 +132,10 @@ def _maps_compatible() -> bool:
 
 def program() -> Path:
     """The pin of the current program: reused if pinned with this digest, else compiled,
-    loaded and pinned (its maps are created, or reused when pinned). Call under `locked`."""
+    loaded and pinned (its maps are created, or reused when pinned).
+
+    Call under kernel.locked("vm").
+    """
     kernel.ensure_bpffs()
     folder = pin_dir()
     folder.mkdir(parents=True, exist_ok=True)
