@@ -1,0 +1,124 @@
+"""Desired state: which pods and VMs of this node want acceleration, and how.
+
+Every source of desired state (the static file, Kubernetes) produces the same thing: a
+`DesiredState`, one `Endpoint` per pod keyed by pod UID, and hands each new complete
+snapshot to `publish`. Sources know nothing of tc or eBPF; the reconciler knows nothing of
+where the snapshot came from.
+
+Opt-in (the same keys everywhere; the hook sidecar uses the same prefix):
+    netaccel.kubevirt.io/accelerate: "true" | "false"   annotation on a Pod (socket bypass)
+                                                          or a VMI (VM datapath); a label with
+                                                          "true" on a Namespace opts in all its
+                                                          pods and VMIs; the object's own
+                                                          annotation wins ("false" opts out)
+    netaccel.kubevirt.io/vm-datapath: "bpf" | "mirror"  on a VMI (default bpf)
+    netaccel.kubevirt.io/vm-checksum: "keep" | "off"    on a VMI (default keep): rx/tx checksum
+                                                          offload of the launcher's tap and veth
+A malformed value is an `Endpoint.error`: the reconciler reports it and leaves that pod
+untouched (whatever was applied for it stays as it was).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+PREFIX = "netaccel.kubevirt.io/"
+ACCELERATE = PREFIX + "accelerate"
+VM_DATAPATH = PREFIX + "vm-datapath"
+VM_CHECKSUM = PREFIX + "vm-checksum"
+_BOOL = {"true": True, "false": False}
+VM_DATAPATHS = ("bpf", "mirror")
+VM_CHECKSUMS = ("keep", "off")
+
+
+class SettingsError(ValueError):
+    """A malformed opt-in value; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    """The VM datapath for one virt-launcher pod (node_helper.vm.api.accelerate arguments)."""
+
+    datapath: str = "bpf"
+    checksum: str = "keep"
+    interface: str = "eth0"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One pod of this node that the sources know about (opted in or not)."""
+
+    uid: str
+    namespace: str
+    name: str
+    ips: tuple[str, ...] = ()  # every address of status.podIPs
+    bypass: bool = False  # socket bypass for this pod's addresses
+    vm: VmSettings | None = None  # a launcher pod whose VMI opted in to the VM datapath
+    netns: str | None = None  # a netns path when the source knows it (static file, lab)
+    error: str | None = None  # a malformed opt-in: report, leave the pod untouched
+
+    @property
+    def ident(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+DesiredState = dict[str, Endpoint]  # pod UID -> Endpoint
+Publish = Callable[[DesiredState], None]
+
+
+class Source(Protocol):
+    """A source of desired state: calls `publish` with every new complete snapshot."""
+
+    name: str
+
+    def run(self, publish: Publish, stop: threading.Event) -> None:
+        """Publish snapshots until `stop` is set (blocking; the agent runs it in a thread)."""
+
+
+def _choice(annotations: Mapping[str, str], key: str, allowed: tuple[str, ...],
+            default: str) -> str:
+    value = annotations.get(key, default)
+    if value not in allowed:
+        raise SettingsError(f"{key}={value!r} is not allowed; use one of {', '.join(allowed)}")
+    return value
+
+
+def opted_in(annotations: Mapping[str, str], namespace_labels: Mapping[str, str]) -> bool:
+    """The object's own annotation, else its namespace's label, else no."""
+    own = annotations.get(ACCELERATE)
+    if own is not None:
+        if own not in _BOOL:
+            raise SettingsError(f"{ACCELERATE}={own!r} is not allowed; use true or false")
+        return _BOOL[own]
+    return namespace_labels.get(ACCELERATE) == "true"
+
+
+def vm_settings(annotations: Mapping[str, str], interface: str = "eth0") -> VmSettings:
+    """A VMI's VM datapath settings (SettingsError on a malformed value)."""
+    return VmSettings(_choice(annotations, VM_DATAPATH, VM_DATAPATHS, "bpf"),
+                      _choice(annotations, VM_CHECKSUM, VM_CHECKSUMS, "keep"), interface)
+
+
+def valid_ips(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Pod addresses, normalised; SettingsError names a malformed one."""
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.ip_address(value)))
+        except ValueError:
+            raise SettingsError(f"pod address {value!r} is not an IP address") from None
+    return tuple(out)
+
+
+def bypass_cidrs(state: DesiredState) -> list[str]:
+    """Host routes for every address of every pod that opted in to the bypass."""
+    cidrs = set()
+    for ep in state.values():
+        if ep.bypass and not ep.error:
+            for ip in ep.ips:
+                cidrs.add(f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}")
+    return sorted(cidrs)
