@@ -78,12 +78,13 @@
  *     bytes, kept by the kernel) and size the message at hand.  That is about
  *     what the kernel path would hold for Y; the floor (a few MB, a setting)
  *     stands in for receive-buffer autotuning, which does not run for data
- *     that never passes TCP's receive path.  Only X redirects to Y and X's
- *     verdict runs under X's socket lock, and the redirect adds to msg_tot_len
- *     before that lock is released, so the count cannot grow between the
- *     check and the redirect: no overshoot of the bound beyond the message
- *     being checked, even with a stale read (see RACES).  Y's reader only
- *     shrinks it.
+ *     that never passes TCP's receive path.  Only X redirects to Y.  X's
+ *     verdict runs under X's socket lock; tcp_bpf_send_verdict() releases it
+ *     for the redirect itself and takes it again before X's next message, so
+ *     a thread's next check sees its previous message queued.  Threads that
+ *     send on X at once can each have one message between check and queue:
+ *     the bound is exceeded by at most one message per such thread.  Y's
+ *     reader only shrinks the count.
  *  7. Node memory: TCP's memory_allocated (pages, what /proc/net/sockstat
  *     calls "mem") > node_mem_limit_pages, which the loader derives from
  *     net.ipv4.tcp_mem (default: half of tcp_mem[0], the pressure threshold,

@@ -78,9 +78,9 @@ class Bypass:
 
     tb: Testbed
 
-    def on(self, pods: int = 2) -> dict[str, Any]:
+    def on(self, pods: int = 2, **limits: int) -> dict[str, Any]:
         cidrs = [c for p in self.tb.pods[:pods] for c in (f"{p.ipv4}/32", f"{p.ipv6}/128")]
-        return sockets.enable(cidrs)
+        return sockets.enable(cidrs, **limits)
 
     def off(self) -> None:
         sockets.disable()

@@ -106,7 +106,8 @@ def test_never_reading_peer_holds_the_sender_back(testbed: Testbed, bypass: Bypa
             d = delta(before, bypass.counters())
         print(f"\n{mode}: accepted {sent[0] / MB:.1f} MB in 3 s; node TCP memory peak "
               f"{peak[0]} pages (tcp_mem[0] = {TCP_MEM[0]}); counters {d}")
-    assert accepted["bypass"] < 32 * MB, accepted
+    # The bound, plus what the kernel path holds after the switch (rcvbuf + sndbuf).
+    assert accepted["bypass"] < sockets.DEFAULT_RCV_FLOOR_BYTES + 16 * MB, accepted
     assert peaks["bypass"] < TCP_MEM[0], peaks
     assert d["redirected_bytes"] > 1 * MB  # the bypass carried the start of the stream
     assert d["fallback_dirs_rcv_lag"] == 1 and d["fallback_dirs_node_mem"] == 0, d
@@ -114,10 +115,13 @@ def test_never_reading_peer_holds_the_sender_back(testbed: Testbed, bypass: Bypa
 
 
 def test_slow_reader_under_a_fast_writer(testbed: Testbed, bypass: Bypass) -> None:
-    """Reader: 64 KiB every 10 ms; writer: as fast as it can. Bounded and in order."""
+    """Reader: 64 KiB every 10 ms; writer: as fast as it can. Bounded and in order.
+
+    A 4 MiB floor (a setting) keeps the test short: the default would need 32 MiB of
+    6.4 MB/s reading before the switch."""
     p0, p1 = testbed.pods[:2]
     total = 24 * MB
-    bypass.on()
+    bypass.on(rcv_floor_bytes=4 * MB)
     before = bypass.counters()
     state = {"sent": 0, "read": 0, "max_ahead": 0, "error": None}
 
@@ -146,7 +150,7 @@ def test_slow_reader_under_a_fast_writer(testbed: Testbed, bypass: Bypass) -> No
         assert not th.is_alive() and state["error"] is None, state
     d = delta(before, bypass.counters())
     print(f"\nslow reader: writer at most {state['max_ahead'] / MB:.1f} MB ahead; {d}")
-    assert state["max_ahead"] < 32 * MB, state
+    assert state["max_ahead"] < 4 * MB + 16 * MB, state
     assert d["redirected_bytes"] > 1 * MB and d["fallback_dirs_rcv_lag"] == 1, d
 
 
