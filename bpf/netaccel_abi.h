@@ -35,11 +35,25 @@ struct bypass_counters {
 	__u64 redirected_bytes;
 	__u64 fallback_msgs;       /* messages of inserted sockets that took SK_PASS */
 	__u64 fallback_dirs;       /* directions that missed their peer and fell back */
+	__u64 fallback_dirs_rcv_lag;   /* directions moved to TCP: receiver's queue at its bound */
+	__u64 fallback_dirs_node_mem;  /* directions moved to TCP: node TCP memory near pressure */
 	__u64 inserted;            /* sockets put into the sockhash */
 	__u64 skipped_not_in_set;  /* established sockets with an end outside the set */
 	__u64 skipped_sent_data;   /* established sockets that had already sent data */
 	__u64 insert_errors;       /* storage or sockhash update failed: not bypassed */
 	__u64 no_state;            /* sk_msg ran on a socket without state: passed */
+};
+
+/* The loader's settings for the bypass's flow control (one array slot, netaccel_cfg). */
+struct bypass_config {
+	__u64 node_mem_limit_pages;  /* TCP memory_allocated (pages) above this: data takes TCP */
+	__u64 rcv_floor_bytes;       /* per-connection bound is max(receiver's sk_rcvbuf, this) */
+};
+
+/* A bypassed socket as a redirect target (netaccel_peers, keyed by its own sock_key). */
+struct peer_sock {
+	__u64 sk;      /* its kernel struct sock address: read only with bpf_probe_read_kernel */
+	__u64 cookie;  /* its socket cookie: only its own close removes the entry */
 };
 
 /* ---- VM datapath (tc_redirect.c) ---- */

@@ -62,6 +62,66 @@
  *     under 12 running streams and checks every byte).
  *  On a miss we always return SK_PASS: returning the helper's SK_DROP would
  *  fail the sender's sendmsg with EPERM.
+ *
+ * FLOW CONTROL: redirected bytes wait on the receiver's psock ingress_msg
+ * queue, outside TCP's receive window and the rcvbuf accounting (they are
+ * charged to TCP's node-wide memory_allocated, though).  Without a bound a
+ * sender to a peer that never reads pushes until the node's tcp_mem hard
+ * limit, and then every TCP socket of the node gets ENOMEM.  So before each
+ * redirect of X->Y, X's sk_msg checks two things and, if either fails, moves
+ * the direction to the kernel path exactly like a miss (rule 3: mark
+ * fell_back, return SK_PASS; rule 4: order-safe, Y's recvmsg drains the
+ * redirected queue first, and TCP's own flow control takes over from there):
+ *
+ *  6. Receiver lag: queued + size > max(Y's sk_rcvbuf, rcv_floor_bytes), where
+ *     queued is Y's psock->msg_tot_len (exact count of redirected, unread
+ *     bytes, kept by the kernel) and size the message at hand.  That is about
+ *     what the kernel path would hold for Y; the floor (a few MB, a setting)
+ *     stands in for receive-buffer autotuning, which does not run for data
+ *     that never passes TCP's receive path.  Only X redirects to Y.  X's
+ *     verdict runs under X's socket lock; tcp_bpf_send_verdict() releases it
+ *     for the redirect itself and takes it again before X's next message, so
+ *     a thread's next check sees its previous message queued.  Threads that
+ *     send on X at once can each have one message between check and queue:
+ *     the bound is exceeded by at most one message per such thread.  Y's
+ *     reader only shrinks the count.
+ *  7. Node memory: TCP's memory_allocated (pages, what /proc/net/sockstat
+ *     calls "mem") > node_mem_limit_pages, which the loader derives from
+ *     net.ipv4.tcp_mem (default: half of tcp_mem[0], the pressure threshold,
+ *     so the bypass never drives the node into pressure).  Data then takes
+ *     TCP, whose pressure handling and windows bound it.
+ *  The checks decide "bypass or kernel path"; the sockhash lookup of the
+ *  redirect still alone decides *which* socket gets the data, so a wrong
+ *  read can cause a spurious fallback, never misdelivery.  Each moved
+ *  direction is counted once by reason (fallback_dirs: miss,
+ *  fallback_dirs_rcv_lag, fallback_dirs_node_mem).
+ *
+ * KERNEL OFFSETS: the checks read kernel-internal fields (sock.sk_user_data,
+ * sock.sk_rcvbuf, sock.__sk_common.skc_prot, sk_psock.msg_tot_len,
+ * proto.memory_allocated).  bcc compiles against whatever header set is
+ * installed, which on our nodes is often older than the running kernel
+ * (Debian 6.1 headers on 6.18), so offsetof() from headers would be wrong.
+ * The loader reads the offsets from the running kernel's BTF
+ * (node_helper/btf.py, /sys/kernel/btf/vmlinux) and passes them as NA_OFF_*
+ * macros; a member missing from BTF refuses the whole bypass (no half-working
+ * start), and this file does not compile without them.  Every such read is a
+ * bpf_probe_read_kernel (fault-safe); sk_msg/sock_ops cannot dereference the
+ * peer's struct sock otherwise.
+ *
+ * RACES:
+ *  - Stale peer address: netaccel_peers maps Y's 4-tuple to Y's struct sock
+ *    address and cookie.  sock_ops stores it at insert (before the sockhash
+ *    insert, so "in the sockhash" implies "in netaccel_peers"), enables
+ *    BPF_SOCK_OPS_STATE_CB only for inserted sockets, and deletes the entry
+ *    when Y reaches TCP_CLOSE if the cookie is still Y's.  X may read Y's
+ *    fields after Y closed (entry looked up just before the delete) or after
+ *    the memory was reused: the read is fault-safe, a failed read counts as
+ *    a miss, garbage can at worst move X to TCP (spurious fallback, still
+ *    order-safe), and the redirect itself then misses anyway.
+ *  - msg_tot_len is read without Y's psock lock: a concurrent read by Y only
+ *    makes the count smaller than the value read (conservative).
+ *  - memory_allocated is approximate (per-CPU reserves of up to 1 MB are
+ *    folded in lazily), which the margin below pressure absorbs.
  */
 #include <uapi/linux/bpf.h>
 
@@ -76,6 +136,21 @@
 
 #define NA_AF_INET 2
 #define NA_AF_INET6 10
+#define NA_TCP_CLOSE 7                /* BPF_TCP_CLOSE */
+#define NA_SK_USER_DATA_PSOCK 4UL     /* include/net/sock.h: sk_user_data is a psock */
+#define NA_SK_USER_DATA_PTRMASK (~7UL)
+
+/* Kernel-internal offsets from the running kernel's BTF (see KERNEL OFFSETS). */
+#if !defined(NA_OFF_SK_USER_DATA) || !defined(NA_OFF_SK_RCVBUF) || \
+    !defined(NA_OFF_SKC_PROT) || !defined(NA_OFF_PSOCK_MSG_TOT_LEN) || \
+    !defined(NA_OFF_PROTO_MEMORY_ALLOCATED)
+#error "the loader passes NA_OFF_* kernel offsets read from BTF (node_helper/btf.py)"
+#endif
+
+/* Why a direction left the bypass (conn_state.reason, for diagnosis). */
+#define FB_MISS 1
+#define FB_RCV_LAG 2
+#define FB_NODE_MEM 3
 
 /* The verifier only accepts context accesses at a constant offset from the
  * unmodified ctx pointer.  If two fields are read into one variable on
@@ -97,12 +172,21 @@
 /* Per-socket bypass state, created by sock_ops before the insert. */
 struct conn_state {
 	__u32 fell_back;  /* 1 once a message of this socket took the kernel path */
+	__u32 reason;     /* FB_*: why */
+	__u32 in_peers;   /* 1 while this socket's netaccel_peers entry is ours */
+	__u32 pad;
+	__u64 sk;         /* this socket's struct sock address, as a plain number */
+	__u64 mem_addr;   /* &sk->sk_prot->memory_allocated->counter (TCP's, node-wide) */
+	__u64 cookie;
+	struct sock_key key;  /* this socket's own key (its netaccel_peers entry) */
 };
 
 BPF_SOCKHASH(netaccel_socks, struct sock_key, 65536);
 BPF_LPM_TRIE(netaccel_accel, struct lpm_key, __u32, 4096);
 BPF_PERCPU_ARRAY(netaccel_cnt, struct bypass_counters, 1);
 BPF_SK_STORAGE(netaccel_state, struct conn_state);
+BPF_ARRAY(netaccel_cfg, struct bypass_config, 1);
+BPF_F_TABLE("hash", struct sock_key, struct peer_sock, netaccel_peers, 65536, BPF_F_NO_PREALLOC);
 
 /* Copy the eight IPv6 address words of ctx.  Clang happily merges a load of
  * local_ip4 on one branch and of local_ip6[3] on the other into one load
@@ -139,17 +223,64 @@ static __always_inline int in_set(__u32 a0, __u32 a1, __u32 a2, __u32 a3)
 	return netaccel_accel.lookup(&k) != NULL;
 }
 
+/* Read a kernel word at addr (a plain number): 0 when the read faults. */
+static __always_inline __u64 kread_u64(__u64 addr, int *err)
+{
+	__u64 v = 0;
+
+	if (bpf_probe_read_kernel(&v, sizeof(v), (void *)addr) != 0)
+		*err = 1;
+	return v;
+}
+
+static __always_inline __u32 kread_u32(__u64 addr, int *err)
+{
+	__u32 v = 0;
+
+	if (bpf_probe_read_kernel(&v, sizeof(v), (void *)addr) != 0)
+		*err = 1;
+	return v;
+}
+
+/* STATE_CB (only enabled for our inserted sockets): on close, drop the
+ * socket's netaccel_peers entry if it is still this socket's. */
+static __always_inline int on_state(struct bpf_sock_ops *skops)
+{
+	struct peer_sock *pv;
+	struct conn_state *st;
+	struct bpf_sock *sk;
+
+	if (CTX_U32(skops, args[1]) != NA_TCP_CLOSE)
+		return 1;
+	sk = skops->sk;
+	if (!sk)
+		return 1;
+	st = netaccel_state.sk_storage_get(sk, 0, 0);
+	if (!st || !st->in_peers)
+		return 1;
+	pv = netaccel_peers.lookup(&st->key);
+	if (pv && pv->cookie == st->cookie)
+		netaccel_peers.delete(&st->key);
+	st->in_peers = 0;
+	return 1;
+}
+
 int NA_PROG_OPS(struct bpf_sock_ops *skops)
 {
 	__u32 op = CTX_U32(skops, op);
 	struct sock_key key = {};
+	struct peer_sock pv = {};
 	struct bypass_counters *cnt;
 	struct conn_state *st;
 	struct bpf_sock *sk;
+	__u64 sk_addr, prot, mem;
 	__u32 zero = 0;
 	__u32 family;
+	int rerr = 0;
 	long err;
 
+	if (op == BPF_SOCK_OPS_STATE_CB)
+		return on_state(skops);
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
@@ -192,25 +323,75 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	st->fell_back = 0;
-	/* BPF_NOEXIST: a duplicate 4-tuple (same addresses in two namespaces)
-	 * is left alone rather than stealing the other socket's slot. */
-	err = netaccel_socks.sock_hash_update(skops, &key, BPF_NOEXIST);
-	if (err != 0) {
+	st->reason = 0;
+	st->in_peers = 0;
+	/* The socket's address as a number: stored through the map value and
+	 * loaded back, it is a scalar the program may add offsets to (the
+	 * verifier forbids arithmetic on the socket pointer itself). */
+	st->sk = (__u64)sk;
+	sk_addr = *(volatile __u64 *)&st->sk;
+	prot = kread_u64(sk_addr + NA_OFF_SKC_PROT, &rerr);
+	mem = prot ? kread_u64(prot + NA_OFF_PROTO_MEMORY_ALLOCATED, &rerr) : 0;
+	if (rerr || !mem) {  /* no node guard for it: do not bypass it */
 		cnt->insert_errors++;
 		return 1;
 	}
+	st->mem_addr = mem;
+	st->cookie = bpf_get_socket_cookie(skops);
+	__builtin_memcpy(&st->key, &key, sizeof(key));
+	/* Peer entry before the sockhash insert: a socket in the sockhash always
+	 * has one, so the sender's "no entry" is a miss like a sockhash miss.
+	 * Both BPF_NOEXIST: a duplicate 4-tuple (same addresses in two
+	 * namespaces) is left alone rather than stealing the other's slot. */
+	pv.sk = sk_addr;
+	pv.cookie = st->cookie;
+	if (netaccel_peers.insert(&key, &pv) != 0) {
+		cnt->insert_errors++;
+		return 1;
+	}
+	err = netaccel_socks.sock_hash_update(skops, &key, BPF_NOEXIST);
+	if (err != 0) {
+		netaccel_peers.delete(&key);
+		cnt->insert_errors++;
+		return 1;
+	}
+	st->in_peers = 1;
+	/* Keep whatever flags other programs set; add the close callback. */
+	bpf_sock_ops_cb_flags_set(skops, CTX_U32(skops, bpf_sock_ops_cb_flags) |
+					 BPF_SOCK_OPS_STATE_CB_FLAG);
 	cnt->inserted++;
 	return 1;
+}
+
+/* Ordering rule 3: mark first, then this and every later message of this
+ * socket takes TCP.  Counted once per direction, by reason. */
+static __always_inline int fall_back(struct conn_state *st, struct bypass_counters *cnt,
+				     __u32 reason)
+{
+	st->fell_back = 1;
+	st->reason = reason;
+	if (reason == FB_RCV_LAG)
+		cnt->fallback_dirs_rcv_lag++;
+	else if (reason == FB_NODE_MEM)
+		cnt->fallback_dirs_node_mem++;
+	else
+		cnt->fallback_dirs++;
+	cnt->fallback_msgs++;
+	return SK_PASS;
 }
 
 int NA_PROG_MSG(struct sk_msg_md *msg)
 {
 	struct sock_key peer = {};
 	struct bypass_counters *cnt;
+	struct bypass_config *cfg;
 	struct conn_state *st;
+	struct peer_sock *pv;
 	struct bpf_sock *sk;
+	__u64 peer_sk, ud, limit, alloc;
 	__u32 zero = 0;
-	__u32 family, size;
+	__u32 family, size, queued = 0, rcvbuf;
+	int rerr = 0;
 	long verdict;
 
 	cnt = netaccel_cnt.lookup(&zero);
@@ -241,16 +422,36 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	peer.lport = REMOTE_PORT(CTX_U32(msg, remote_port));
 	size = CTX_U32(msg, size);
 
+	cfg = netaccel_cfg.lookup(&zero);
+	pv = netaccel_peers.lookup(&peer);
+	if (!cfg || !pv)  /* the peer is not (or no longer) bypassed: a miss */
+		return fall_back(st, cnt, FB_MISS);
+
+	/* Flow control rule 6: the receiver's unread redirected bytes. */
+	peer_sk = pv->sk;
+	ud = kread_u64(peer_sk + NA_OFF_SK_USER_DATA, &rerr);
+	if (ud & NA_SK_USER_DATA_PSOCK)
+		queued = kread_u32((ud & NA_SK_USER_DATA_PTRMASK) + NA_OFF_PSOCK_MSG_TOT_LEN,
+				   &rerr);
+	rcvbuf = kread_u32(peer_sk + NA_OFF_SK_RCVBUF, &rerr);
+	if (rerr)  /* the peer's memory is gone: it closed */
+		return fall_back(st, cnt, FB_MISS);
+	limit = cfg->rcv_floor_bytes;
+	if ((__s32)rcvbuf > 0 && rcvbuf > limit)
+		limit = rcvbuf;
+	if ((__u64)queued + size > limit)
+		return fall_back(st, cnt, FB_RCV_LAG);
+	/* Flow control rule 7: node-wide TCP memory, well below pressure. */
+	alloc = kread_u64(st->mem_addr, &rerr);
+	if (rerr || ((__s64)alloc > 0 && alloc > cfg->node_mem_limit_pages))
+		return fall_back(st, cnt, FB_NODE_MEM);
+
 	verdict = netaccel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (verdict == SK_PASS) {
 		cnt->redirected_msgs++;
 		cnt->redirected_bytes += size;
 		return SK_PASS;
 	}
-	/* Miss: the peer is not (or no longer) in the map.  Mark first, then
-	 * let this and every later message of this socket take TCP. */
-	st->fell_back = 1;
-	cnt->fallback_dirs++;
-	cnt->fallback_msgs++;
-	return SK_PASS;
+	/* Miss: the peer is not (or no longer) in the sockhash. */
+	return fall_back(st, cnt, FB_MISS);
 }

@@ -75,7 +75,8 @@ def cmd_bypass(args: argparse.Namespace) -> int:
             raise ValueError("bypass on needs at least one --cidr (the pods' addresses); "
                              "on the lab's testbed, `netaccel-lab bypass on` fills them in")
         cidrs = args.cidr
-        status = sockets.enable(cidrs)
+        status = sockets.enable(cidrs, node_mem_limit_pages=args.node_mem_limit_pages,
+                                rcv_floor_bytes=args.rcv_floor_bytes)
         print(f"socket bypass on for {', '.join(cidrs)}", file=sys.stderr)
         if args.json:
             print_json(status)
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["on", "off", "status"])
     p.add_argument("--cidr", action="append", type=_valid_cidr,
                    help="on: an accelerated prefix, e.g. a pod's address/32 (repeatable)")
+    p.add_argument("--node-mem-limit-pages", type=int, default=None,
+                   help="on: TCP memory (pages) above which new data takes the kernel path "
+                        "(default: half of net.ipv4.tcp_mem[0])")
+    p.add_argument("--rcv-floor-bytes", type=int, default=None,
+                   help="on: per-connection bound on unread redirected bytes is "
+                        "max(receiver's rcvbuf, this) (default 4 MiB)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bypass)
 

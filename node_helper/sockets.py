@@ -3,6 +3,8 @@
     enable(cidrs)  compile, pin under PIN_DIR (/sys/fs/bpf/<instance>/bypass), attach
                    sock_ops to the cgroup v2 root (BPF_F_ALLOW_MULTI) and sk_msg to the
                    sockhash; idempotent.
+    set_flow_limits(node_mem_limit_pages=, rcv_floor_bytes=)
+                   change the flow-control settings of the running bypass (config map).
     disable()      detach and unpin everything of ours; safe when nothing is enabled.
     status()       counters and the accelerated set, read from the pinned maps (any process).
 
@@ -11,6 +13,12 @@ the enabling process, and the maps and programs are pinned in bpffs. Our program
 name (PROG_OPS_NAME, PROG_MSG_NAME), so a crashed run's leftovers can be cleaned up even when
 its pins are gone. Map access from user space uses the bpf() syscall directly
 (node_helper.bpf_syscall), so status() needs neither bcc nor kernel headers.
+
+Flow control (bpf/sockmap.c, FLOW CONTROL): a direction whose receiver has more than
+max(its rcvbuf, rcv_floor_bytes) redirected bytes unread, or any direction while TCP's node-wide
+memory is above node_mem_limit_pages (default half of net.ipv4.tcp_mem[0]), moves to the kernel
+path. The programs read kernel-internal fields at offsets taken from the running kernel's BTF
+(node_helper.btf), not from the (possibly older) headers bcc compiles with.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from node_helper import bpf_abi, kernel
+from node_helper import bpf_abi, btf, kernel
 from node_helper.bpf_syscall import (  # noqa: F401 - re-exported for tests and the CLI
     BPF_CGROUP_SOCK_OPS,
     BPF_F_ALLOW_MULTI,
@@ -55,10 +63,27 @@ PROG_MSG_NAME = f"{kernel.instance()}_msg"
 # pin name -> bcc object name
 PINNED_PROGS = {"prog_ops": PROG_OPS_NAME, "prog_msg": PROG_MSG_NAME}
 PINNED_MAPS = {"map_socks": "netaccel_socks", "map_accel": "netaccel_accel",
-               "map_counters": "netaccel_cnt"}
+               "map_counters": "netaccel_cnt", "map_config": "netaccel_cfg"}
 COUNTERS = bpf_abi.layout("bypass_counters")
+CONFIG = bpf_abi.layout("bypass_config")
 SOCK_KEY = bpf_abi.layout("sock_key")
 LPM_KEY = bpf_abi.layout("lpm_key")
+TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
+# Per-connection floor of the bound on unread redirected bytes. The receiver's rcvbuf is not
+# autotuned for bypassed data (its initial 128 KiB would push every fast stream to TCP), and
+# a healthy reader lags in bursts: measured with qperf tcp_bw 16 KiB on the testbed, a 4 MiB
+# floor moved the stream to TCP during its start-up burst (569 MB/s, kernel-path speed),
+# 32 MiB never did (2.54-2.61 GB/s). A direction moved to TCP never comes back, so the floor
+# errs on the side of bursts; the node guard bounds the sum over all connections.
+DEFAULT_RCV_FLOOR_BYTES = 32 << 20
+# Kernel-internal members the programs read: -D macro -> (struct, member path, size).
+KERNEL_MEMBERS = {
+    "NA_OFF_SK_USER_DATA": ("sock", "sk_user_data", 8),
+    "NA_OFF_SK_RCVBUF": ("sock", "sk_rcvbuf", 4),
+    "NA_OFF_SKC_PROT": ("sock", "__sk_common.skc_prot", 8),
+    "NA_OFF_PSOCK_MSG_TOT_LEN": ("sk_psock", "msg_tot_len", 4),
+    "NA_OFF_PROTO_MEMORY_ALLOCATED": ("proto", "memory_allocated", 8),
+}
 _MOUNTINFO = Path("/proc/self/mountinfo")  # tests point this at a fake one
 
 # --- the accelerated set ------------------------------------------------------------------
@@ -178,23 +203,29 @@ def _cgroup_fd() -> Iterator[tuple[Path, int]]:
 
 # --- the public API -----------------------------------------------------------------------
 
-def enable(cidrs: Sequence[str]) -> dict[str, Any]:
+def enable(cidrs: Sequence[str], node_mem_limit_pages: int | None = None,
+           rcv_floor_bytes: int | None = None) -> dict[str, Any]:
     """Bypass TCP between sockets whose two ends are both in `cidrs`; return status().
 
     Only connections established from now on are bypassed. Already enabled: replace the
     accelerated set in place (connections already bypassed stay so until they close).
     Leftovers of a crashed run are removed first. On failure nothing of ours stays attached
     or pinned. Raises ValueError for bad CIDRs, KernelFeatureError for a missing feature.
+
+    Flow control: node_mem_limit_pages (default: half of net.ipv4.tcp_mem[0]) and
+    rcv_floor_bytes (default DEFAULT_RCV_FLOOR_BYTES); each enable sets both.
     """
     nets = parse_cidrs(cidrs)
+    config = flow_config(node_mem_limit_pages, rcv_floor_bytes)
     with kernel.locked("bypass"), _cgroup_fd() as (cg, cgfd):
         kernel.ensure_bpffs()
         if _is_enabled(cgfd):
             _set_accel(nets)
+            _write_config(config)
             return status()
         _cleanup(cgfd)
         try:
-            _fresh_start(cgfd, nets)
+            _fresh_start(cgfd, nets, config)
         except BaseException:
             _cleanup(cgfd)
             raise
@@ -215,11 +246,32 @@ def disable() -> None:
             _cleanup(cgfd)
 
 
+def set_flow_limits(node_mem_limit_pages: int | None = None,
+                    rcv_floor_bytes: int | None = None) -> dict[str, int]:
+    """Change the running bypass's flow-control settings (None keeps a value); return them.
+
+    Takes effect for the next message of every bypassed connection. KernelFeatureError when
+    the bypass is not enabled.
+    """
+    with kernel.locked("bypass"):
+        if not _pins_complete():
+            raise KernelFeatureError("the socket bypass is not enabled")
+        current = _read_config()
+        if node_mem_limit_pages is not None:
+            current["node_mem_limit_pages"] = _non_negative("node_mem_limit_pages",
+                                                            node_mem_limit_pages)
+        if rcv_floor_bytes is not None:
+            current["rcv_floor_bytes"] = _non_negative("rcv_floor_bytes", rcv_floor_bytes)
+        _write_config(current)
+        return current
+
+
 def status() -> dict[str, Any]:
-    """State and counters, read from the pinned maps (works from any process)."""
+    """State, counters and flow-control settings, read from the pinned maps (any process)."""
     result: dict[str, Any] = {"enabled": False, "sockets": 0, "cidrs": [],
                               "pin_dir": str(PIN_DIR)}
     result.update(dict.fromkeys(COUNTERS.names, 0))
+    result.update(dict.fromkeys(CONFIG.names, 0))
     try:
         cg = _cgroup_root()
         result["cgroup"] = str(cg)
@@ -237,7 +289,68 @@ def status() -> dict[str, Any]:
             result["sockets"] = sum(1 for _ in map_keys(fd, SOCK_KEY.size))
         with closing(obj_get(PIN_DIR / "map_accel")) as fd:
             result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY.size))
+        result.update(_read_config())
     return result
+
+
+# --- flow control ---------------------------------------------------------------------------
+
+def _non_negative(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def default_node_mem_limit_pages(tcp_mem: Path = TCP_MEM) -> int:
+    """Half of net.ipv4.tcp_mem[0] (pages): the bypass stays well below memory pressure."""
+    try:
+        low = int(tcp_mem.read_text().split()[0])
+    except (OSError, ValueError, IndexError) as exc:
+        raise KernelFeatureError(f"cannot read {tcp_mem} ({exc}): the bypass's node memory "
+                                 "guard needs it") from None
+    return low // 2
+
+
+def flow_config(node_mem_limit_pages: int | None = None,
+                rcv_floor_bytes: int | None = None) -> dict[str, int]:
+    """The bypass_config to write: given values, else the defaults."""
+    return {
+        "node_mem_limit_pages": default_node_mem_limit_pages() if node_mem_limit_pages is None
+        else _non_negative("node_mem_limit_pages", node_mem_limit_pages),
+        "rcv_floor_bytes": DEFAULT_RCV_FLOOR_BYTES if rcv_floor_bytes is None
+        else _non_negative("rcv_floor_bytes", rcv_floor_bytes),
+    }
+
+
+def kernel_offsets() -> dict[str, int]:
+    """The NA_OFF_* offsets of the running kernel (BTF); KernelFeatureError naming what lacks."""
+    try:
+        return btf.member_offsets(KERNEL_MEMBERS)
+    except btf.BtfError as exc:
+        raise KernelFeatureError(
+            f"the socket bypass's flow control needs kernel struct layouts from BTF: {exc}. "
+            "Without them the bypass could not bound what it queues, so it is not started "
+            "(the kernel needs CONFIG_DEBUG_INFO_BTF=y and sockmap's psock->msg_tot_len, "
+            "Linux >= 6.x)"
+        ) from None
+
+
+def _pack_config(config: dict[str, int]) -> bytes:
+    return struct.pack(CONFIG.format, *(config[n] for n in CONFIG.names))
+
+
+def _write_config(config: dict[str, int], fd: int | None = None) -> None:
+    if fd is not None:
+        map_update(fd, b"\0\0\0\0", _pack_config(config))
+        return
+    with closing(obj_get(PIN_DIR / "map_config")) as cfd:
+        map_update(cfd, b"\0\0\0\0", _pack_config(config))
+
+
+def _read_config() -> dict[str, int]:
+    with closing(obj_get(PIN_DIR / "map_config")) as fd:
+        raw = map_lookup(fd, b"\0\0\0\0", CONFIG.size)
+    return CONFIG.unpack(raw) if raw else dict.fromkeys(CONFIG.names, 0)
 
 
 # --- internals ----------------------------------------------------------------------------
@@ -278,11 +391,15 @@ def _probe_sockhash() -> None:
 
 def _compile() -> tuple[Any, Any, Any]:
     """Compile and load bpf/sockmap.c with bcc; return (bpf, ops fn, msg fn)."""
+    offsets = kernel_offsets()  # before compiling: refuse clearly, not half-working
     bpf = kernel.compile_bpf(BPF_SOURCE, [f"-DNA_PROG_OPS={PROG_OPS_NAME}",
-                                          f"-DNA_PROG_MSG={PROG_MSG_NAME}"])
+                                          f"-DNA_PROG_MSG={PROG_MSG_NAME}",
+                                          *(f"-D{k}={v}" for k, v in sorted(offsets.items()))])
     try:
         bpf_abi.check_map(bpf, "netaccel_accel", key="lpm_key")
         bpf_abi.check_map(bpf, "netaccel_cnt", value="bypass_counters")
+        bpf_abi.check_map(bpf, "netaccel_cfg", value="bypass_config")
+        bpf_abi.check_map(bpf, "netaccel_peers", key="sock_key", value="peer_sock")
         bcc = kernel.import_bcc()
         ops = bpf.load_func(PROG_OPS_NAME.encode(), bcc.BPF.SOCK_OPS)
         msg = bpf.load_func(PROG_MSG_NAME.encode(), bcc.BPF.SK_MSG)
@@ -305,12 +422,13 @@ def _table_fd(bpf: Any, name: str) -> int:
     return fd
 
 
-def _fresh_start(cgroup_fd: int, nets: Sequence[Any]) -> None:
+def _fresh_start(cgroup_fd: int, nets: Sequence[Any], config: dict[str, int]) -> None:
     _probe_sockhash()
     bpf, ops, msg = _compile()
     try:
         PIN_DIR.mkdir(parents=True, exist_ok=True)
         fds = {name: _table_fd(bpf, name) for name in PINNED_MAPS.values()}
+        _write_config(config, fds["netaccel_cfg"])  # before anything is attached
         for net in nets:
             map_update(fds["netaccel_accel"], lpm_key(net), struct.pack("=I", 1))
         for pin, name in PINNED_MAPS.items():

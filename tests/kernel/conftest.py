@@ -12,12 +12,13 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lab.testbed import Pod, Testbed, link_stats
-from node_helper import sockets
+from node_helper import kernel, sockets
 from node_helper.kernel import in_netns
 
 FAMILIES = ("ipv4", "v4mapped", "ipv6")
@@ -43,9 +44,22 @@ def assert_nothing_of_ours() -> None:
     assert left == {}, f"netaccel programs still loaded: {left}"
 
 
+def assert_testing_this_checkout() -> None:
+    """The code and the BPF sources under test are this checkout's, not an editable install's
+    of another checkout (node_helper.bpf is package data: a venv's editable install maps it to
+    its own bpf/, even when node_helper itself comes from PYTHONPATH)."""
+    repo = Path(__file__).resolve().parents[2]
+    for what, path in (("node_helper", Path(sockets.__file__)),
+                       ("node_helper.bpf", kernel.bpf_source(sockets.BPF_SOURCE))):
+        assert path.resolve().is_relative_to(repo), (
+            f"{what} comes from {path}, not from the checkout under test ({repo}); in a "
+            f"second worktree link it: ln -s ../bpf {repo}/node_helper/bpf")
+
+
 @pytest.fixture(scope="session")
 def bypass_clean() -> Iterator[None]:
     """Start from nothing; end with nothing (even when a test failed)."""
+    assert_testing_this_checkout()
     sockets.disable()
     yield
     sockets.disable()
@@ -64,9 +78,9 @@ class Bypass:
 
     tb: Testbed
 
-    def on(self, pods: int = 2) -> dict[str, Any]:
+    def on(self, pods: int = 2, **limits: int) -> dict[str, Any]:
         cidrs = [c for p in self.tb.pods[:pods] for c in (f"{p.ipv4}/32", f"{p.ipv6}/128")]
-        return sockets.enable(cidrs)
+        return sockets.enable(cidrs, **limits)
 
     def off(self) -> None:
         sockets.disable()

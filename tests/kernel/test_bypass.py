@@ -30,9 +30,18 @@ pytestmark = pytest.mark.kernel
 BULK = 50 * 1024 * 1024
 
 
+WINDOW = 2 * 1024 * 1024  # below the bypass's per-connection bound (rcv_floor_bytes, 4 MiB)
+
+
 def _bulk(cl, srv, nbytes: int = BULK) -> None:
-    """Send nbytes client -> server while a thread reads them all; then a 1-byte ack back."""
+    """Send nbytes client -> server while a thread reads them all; then a 1-byte ack back.
+
+    The sender keeps at most WINDOW bytes unread, as TCP's flow control would: in one Python
+    process the sender thread otherwise starves the reader of the GIL, and the bypass (which
+    does not block a sender) would rightly move a stream that runs ahead of its reader to the
+    kernel path (test_bypass_flow.py tests that)."""
     got = 0
+    progress = threading.Condition()
 
     def reader() -> None:
         nonlocal got
@@ -40,13 +49,17 @@ def _bulk(cl, srv, nbytes: int = BULK) -> None:
             chunk = srv.recv(1 << 20)
             if not chunk:
                 break
-            got += len(chunk)
+            with progress:
+                got += len(chunk)
+                progress.notify()
         srv.sendall(b"k")
 
     th = threading.Thread(target=reader)
     th.start()
     block = b"\xa5" * (1 << 20)
     for off in range(0, nbytes, len(block)):
+        with progress:
+            assert progress.wait_for(lambda off=off: off - got <= WINDOW - len(block), 10)
         cl.sendall(block[: nbytes - off])
     assert cl.recv(1) == b"k"
     th.join(10)
