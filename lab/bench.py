@@ -171,14 +171,20 @@ def stderr_progress(message: str) -> None:
 
 @contextmanager
 def testbed_for(pods: int, vms: int = 0) -> Iterator[Testbed]:
-    """Use the testbed that is up if it has enough pods/VMs, else build one and remove it after."""
+    """Use the testbed that is up if it has enough pods/VMs, else build one and remove it after.
+
+    The yields stay outside the `try`: an error of the caller's block must reach the caller,
+    not be taken for "no testbed is up" (which made contextlib report "generator didn't stop
+    after throw()" instead of the error)."""
+    found: Testbed | None = None
     try:
-        bed = Testbed.find()
-        if len(bed.pods) >= pods and len([v for v in bed.vms if v.guest_netns]) >= vms:
-            yield bed
-            return
+        found = Testbed.find()
     except tb_mod.TestbedError:
         pass
+    if found is not None and len(found.pods) >= pods \
+            and len([v for v in found.vms if v.guest_netns]) >= vms:
+        yield found
+        return
     with Testbed.create(pods=pods, vms=vms) as bed:
         yield bed
 

@@ -84,3 +84,16 @@ def test_unix_floor_tool_measures() -> None:
     bw = bench.run_unix_floor("tcp_bw", 16384, 0.2)
     assert 0 < lat < 10_000  # microseconds, one way
     assert bw > 1  # MB/s
+
+
+def test_testbed_for_hands_the_blocks_error_to_the_caller(monkeypatch) -> None:  # noqa: ANN001
+    """An error inside the block (here a TestbedError, the type testbed_for itself expects
+    from find()) reaches the caller as it is."""
+    from lab import bench
+    from lab.testbed import TestbedError
+
+    up = bench.Testbed(number=1, pods=[object(), object()])  # type: ignore[list-item]
+    monkeypatch.setattr(bench.Testbed, "find", classmethod(lambda cls, number=None: up))
+    with pytest.raises(TestbedError, match="from the block"), bench.testbed_for(pods=2) as bed:
+        assert bed is up
+        raise TestbedError("from the block")
