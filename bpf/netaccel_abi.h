@@ -42,6 +42,12 @@ struct bypass_counters {
 	__u64 skipped_sent_data;   /* established sockets that had already sent data */
 	__u64 insert_errors;       /* storage or sockhash update failed: not bypassed */
 	__u64 no_state;            /* sk_msg ran on a socket without state: passed */
+	__u64 fallback_dirs_splice;    /* directions moved to TCP: their receiver splices */
+	__u64 skipped_no_bypass;   /* established sockets of a no-bypass workload */
+	__u64 splice_seen;         /* splice/sendfile reads from a bypassed socket */
+	__u64 splice_safe;         /* ... with nothing queued or in flight: sender switched */
+	__u64 splice_doomed;       /* ... with bytes queued or in flight: reset by user space */
+	__u64 doomed_drops;        /* sender messages refused on a doomed connection */
 };
 
 /* The loader's settings for the bypass's flow control (one array slot, netaccel_cfg). */
@@ -54,7 +60,44 @@ struct bypass_config {
 struct peer_sock {
 	__u64 sk;      /* its kernel struct sock address: read only with bpf_probe_read_kernel */
 	__u64 cookie;  /* its socket cookie: only its own close removes the entry */
+	/* The splice guard's handshake with this socket's sender (sockmap.c, SPLICE). */
+	__u64 pending_ts;    /* bpf_ktime_get_ns() of the sender's last redirect decision */
+	/* 64-bit: the programs change these two with atomic exchange/fetch-add, which the BPF
+	 * instruction set level bcc compiles for offers on 64-bit words only. */
+	__u64 pending;       /* 1: the sender decided to redirect; the bytes may not be queued yet */
+	__u64 splice_block;  /* 1: this socket was read with splice/sendfile: sender, stop */
+	__u32 doomed;        /* 1: bytes may be stranded: refuse the sender, user space resets */
+	__u32 passive;       /* 1: an accepted socket (its local port names the workload) */
 };
+
+/* Workloads the bypass leaves alone (netaccel_nobypass): an address and a local port, or
+ * port 0 for every port of the address. Learned by the splice guard (value NB_LEARNED) or
+ * configured by the agent (NB_CONFIGURED). */
+#define NB_LEARNED 1
+#define NB_CONFIGURED 2
+struct no_bypass_key {
+	__u32 addr[4];  /* 16 bytes, IPv4 as ::ffff:a.b.c.d, network byte order words */
+	__u32 port;     /* host byte order; 0: every port */
+};
+
+/* A splice/sendfile read that found bytes queued or in flight (netaccel_events, a queue the
+ * agent drains to reset the connection). The reader socket's 4-tuple as in sock_key. */
+struct splice_event {
+	__u32 local[4];
+	__u32 remote[4];
+	__u32 lport;
+	__u32 rport;
+	__u32 tgid;       /* the reading process and thread */
+	__u32 tid;
+	__u32 netns_ino;  /* the socket's network namespace (its inode number, as in /proc) */
+	__u32 queued;     /* redirected bytes unread at that moment */
+	__u32 pending;    /* 1: a redirect may have been in flight */
+	__u32 passive;
+};
+
+/* How long a sender's redirect decision may take to reach the receiver's queue: past this,
+ * a pending flag is its completed last message, not one in flight (see sockmap.c, SPLICE). */
+#define SPLICE_PENDING_GRACE_NS 1000000000ULL
 
 /* ---- VM datapath (tc_redirect.c) ---- */
 

@@ -122,6 +122,42 @@
  *    makes the count smaller than the value read (conservative).
  *  - memory_allocated is approximate (per-CPU reserves of up to 1 MB are
  *    folded in lazily), which the margin below pressure absorbs.
+ *
+ * SPLICE: splice(2) and sendfile(2) read a TCP socket through tcp_splice_read(), which only
+ * sees the TCP receive queue, never the psock queue the redirected bytes wait on (why, and
+ * what else was tried: docs/bypass-kernel.md).  A reader that splices a bypassed socket would
+ * hang or see a short stream.  The guard:
+ *  8. Two tracepoint programs (syscalls:sys_enter_splice on fd_in, sys_enter_sendfile64 on
+ *     in_fd) resolve the fd to its struct sock (fault-safe reads, offsets from BTF) and find
+ *     the socket's own netaccel_peers entry (its 4-tuple, and the same sock address).  They
+ *     run before the kernel reads the socket.
+ *  9. A handshake with the socket's only sender (Dekker's: each side writes its flag, then
+ *     an atomic operation orders that write before its read of the other side's flag, so at
+ *     least one side sees the other): the sender sets `pending`, then reads `splice_block`
+ *     and falls back (rule 3, reason splice) if it is set; the reader sets `splice_block`,
+ *     then reads `pending` and the socket's queued bytes (psock->msg_tot_len).
+ *     - nothing queued and nothing pending: every byte the sender sends from now on takes
+ *       TCP, which splice reads; nothing was redirected that splice cannot see.  Safe.
+ *     - otherwise bytes are (or may soon be) queued where splice cannot read them, and TCP
+ *       bytes sent after them would overtake them: the connection cannot be saved.  The
+ *       entry is marked `doomed`: the sender's further messages are refused (SK_DROP: its
+ *       sendmsg fails) and an event asks user space (node_helper/splice_guard.py) to reset
+ *       the connection with SOCK_DESTROY, so both applications see an error at once
+ *       instead of a hang or a premature end of file.
+ *     `pending` is cleared by the sender's next verdict (its previous redirect has been
+ *     queued by then: that sendmsg returned, and a socket's sendmsg calls are serialised
+ *     by its lock) and is ignored once older than SPLICE_PENDING_GRACE_NS, the time a
+ *     decided redirect may take to reach the queue (a few function calls in the sender's
+ *     own system call; 1 s covers CPU throttling).  Limits: several threads sending on one
+ *     socket at once can each have a redirect in flight that `pending` does not cover;
+ *     io_uring's splice does not pass these tracepoints; and when the sender had already
+ *     moved to TCP (rules 3, 6, 7) with bytes still queued, TCP bytes already in the
+ *     receive queue are read by that first splice before the reset arrives: splice cannot
+ *     be made to wait for the queue, nor failed, from a tracepoint (no fentry/LSM here).
+ * 10. The reader's workload leaves the bypass: its address and local port (an accepted
+ *     socket) or its address (a connecting one) go into netaccel_nobypass, which sock_ops
+ *     checks before inserting, so later connections of that workload run on TCP from their
+ *     first byte.  The agent may configure entries too (a per-pod opt-out).
  */
 #include <uapi/linux/bpf.h>
 
@@ -132,6 +168,12 @@
 #endif
 #ifndef NA_PROG_MSG
 #define NA_PROG_MSG netaccel_msg
+#endif
+#ifndef NA_PROG_SPLICE
+#define NA_PROG_SPLICE netaccel_splice
+#endif
+#ifndef NA_PROG_SENDFILE
+#define NA_PROG_SENDFILE netaccel_sendf
 #endif
 
 #define NA_AF_INET 2
@@ -146,11 +188,20 @@
     !defined(NA_OFF_PROTO_MEMORY_ALLOCATED)
 #error "the loader passes NA_OFF_* kernel offsets read from BTF (node_helper/btf.py)"
 #endif
+#if !defined(NA_OFF_TASK_FILES) || !defined(NA_OFF_FILES_FDT) || !defined(NA_OFF_FDT_FD) || \
+    !defined(NA_OFF_FDT_MAX_FDS) || !defined(NA_OFF_FILE_PRIVATE_DATA) || \
+    !defined(NA_OFF_SOCKET_FILE) || !defined(NA_OFF_SOCKET_SK) || !defined(NA_OFF_SKC_FAMILY) || \
+    !defined(NA_OFF_SKC_RCV_SADDR) || !defined(NA_OFF_SKC_DADDR) || !defined(NA_OFF_SKC_NUM) || \
+    !defined(NA_OFF_SKC_DPORT) || !defined(NA_OFF_SKC_V6_RCV_SADDR) || \
+    !defined(NA_OFF_SKC_V6_DADDR) || !defined(NA_OFF_SKC_NET) || !defined(NA_OFF_NET_NS_INUM)
+#error "the loader passes the splice guard's NA_OFF_* offsets read from BTF"
+#endif
 
 /* Why a direction left the bypass (conn_state.reason, for diagnosis). */
 #define FB_MISS 1
 #define FB_RCV_LAG 2
 #define FB_NODE_MEM 3
+#define FB_SPLICE 4
 
 /* The verifier only accepts context accesses at a constant offset from the
  * unmodified ctx pointer.  If two fields are read into one variable on
@@ -187,6 +238,8 @@ BPF_PERCPU_ARRAY(netaccel_cnt, struct bypass_counters, 1);
 BPF_SK_STORAGE(netaccel_state, struct conn_state);
 BPF_ARRAY(netaccel_cfg, struct bypass_config, 1);
 BPF_F_TABLE("hash", struct sock_key, struct peer_sock, netaccel_peers, 65536, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct no_bypass_key, __u32, netaccel_nobypass, 16384, BPF_F_NO_PREALLOC);
+BPF_QUEUE(netaccel_events, struct splice_event, 1024);
 
 /* Copy the eight IPv6 address words of ctx.  Clang happily merges a load of
  * local_ip4 on one branch and of local_ip6[3] on the other into one load
@@ -240,6 +293,26 @@ static __always_inline __u32 kread_u32(__u64 addr, int *err)
 	if (bpf_probe_read_kernel(&v, sizeof(v), (void *)addr) != 0)
 		*err = 1;
 	return v;
+}
+
+static __always_inline __u16 kread_u16(__u64 addr, int *err)
+{
+	__u16 v = 0;
+
+	if (bpf_probe_read_kernel(&v, sizeof(v), (void *)addr) != 0)
+		*err = 1;
+	return v;
+}
+
+/* Rule 10: is (addr, port) or (addr, every port) a workload the bypass leaves alone? */
+static __always_inline int no_bypass(__u32 *addr, __u32 port)
+{
+	struct no_bypass_key k = {.addr = {addr[0], addr[1], addr[2], addr[3]}, .port = port};
+
+	if (netaccel_nobypass.lookup(&k))
+		return 1;
+	k.port = 0;
+	return netaccel_nobypass.lookup(&k) != NULL;
 }
 
 /* STATE_CB (only enabled for our inserted sockets): on close, drop the
@@ -309,6 +382,11 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 	}
 	key.lport = CTX_U32(skops, local_port);
 	key.rport = REMOTE_PORT(CTX_U32(skops, remote_port));
+	/* Rule 10: a workload that splices (learned) or opted out (configured). */
+	if (no_bypass(key.local, key.lport)) {
+		cnt->skipped_no_bypass++;
+		return 1;
+	}
 
 	sk = skops->sk;
 	if (!sk) {
@@ -345,6 +423,7 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 	 * namespaces) is left alone rather than stealing the other's slot. */
 	pv.sk = sk_addr;
 	pv.cookie = st->cookie;
+	pv.passive = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
 	if (netaccel_peers.insert(&key, &pv) != 0) {
 		cnt->insert_errors++;
 		return 1;
@@ -374,6 +453,8 @@ static __always_inline int fall_back(struct conn_state *st, struct bypass_counte
 		cnt->fallback_dirs_rcv_lag++;
 	else if (reason == FB_NODE_MEM)
 		cnt->fallback_dirs_node_mem++;
+	else if (reason == FB_SPLICE)
+		cnt->fallback_dirs_splice++;
 	else
 		cnt->fallback_dirs++;
 	cnt->fallback_msgs++;
@@ -407,10 +488,6 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 		cnt->no_state++;
 		return SK_PASS;
 	}
-	if (st->fell_back) {  /* ordering rule 3: once on the kernel path, stay */
-		cnt->fallback_msgs++;
-		return SK_PASS;
-	}
 
 	/* The peer's key: our tuple swapped. */
 	family = CTX_U32(msg, family);
@@ -422,8 +499,23 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	peer.lport = REMOTE_PORT(CTX_U32(msg, remote_port));
 	size = CTX_U32(msg, size);
 
-	cfg = netaccel_cfg.lookup(&zero);
 	pv = netaccel_peers.lookup(&peer);
+	if (pv) {
+		/* Rule 9: the peer splices with our bytes stranded in its queue; bytes sent
+		 * now, on either path, would overtake them.  Refuse; user space resets. */
+		if (pv->doomed) {
+			cnt->doomed_drops++;
+			return SK_DROP;
+		}
+		/* Rule 9: our previous sendmsg returned, so its redirect is queued. */
+		if (pv->pending)
+			__sync_lock_test_and_set(&pv->pending, 0);
+	}
+	if (st->fell_back) {  /* ordering rule 3: once on the kernel path, stay */
+		cnt->fallback_msgs++;
+		return SK_PASS;
+	}
+	cfg = netaccel_cfg.lookup(&zero);
 	if (!cfg || !pv)  /* the peer is not (or no longer) bypassed: a miss */
 		return fall_back(st, cnt, FB_MISS);
 
@@ -446,6 +538,14 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	if (rerr || ((__s64)alloc > 0 && alloc > cfg->node_mem_limit_pages))
 		return fall_back(st, cnt, FB_NODE_MEM);
 
+	/* Rule 9, the sender's half: announce the redirect, then look for a reader that
+	 * splices.  The atomic exchange orders the write before the read. */
+	pv->pending_ts = bpf_ktime_get_ns();
+	__sync_lock_test_and_set(&pv->pending, 1);
+	if (__sync_fetch_and_add(&pv->splice_block, 0)) {
+		__sync_lock_test_and_set(&pv->pending, 0);
+		return fall_back(st, cnt, FB_SPLICE);
+	}
 	verdict = netaccel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (verdict == SK_PASS) {
 		cnt->redirected_msgs++;
@@ -453,5 +553,102 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 	/* Miss: the peer is not (or no longer) in the sockhash. */
+	__sync_lock_test_and_set(&pv->pending, 0);
 	return fall_back(st, cnt, FB_MISS);
+}
+
+/* Rules 8-10: a splice/sendfile read of file descriptor `fd` of the current task. */
+static __always_inline int guard_read(__u64 fd)
+{
+	struct no_bypass_key learn = {};
+	struct splice_event ev = {};
+	struct sock_key key = {};
+	struct bypass_counters *cnt;
+	struct peer_sock *pv;
+	__u64 task, files, fdt, fdarr, file, sock, sk, ud;
+	__u32 zero = 0, max_fds, queued = 0, learned = NB_LEARNED;
+	__u64 pending;
+	__u16 family, dport;
+	int rerr = 0;
+
+	task = bpf_get_current_task();
+	files = kread_u64(task + NA_OFF_TASK_FILES, &rerr);
+	fdt = kread_u64(files + NA_OFF_FILES_FDT, &rerr);
+	max_fds = kread_u32(fdt + NA_OFF_FDT_MAX_FDS, &rerr);
+	if (rerr || fd >= max_fds)
+		return 0;
+	fdarr = kread_u64(fdt + NA_OFF_FDT_FD, &rerr);
+	file = kread_u64(fdarr + fd * 8, &rerr);
+	sock = file ? kread_u64(file + NA_OFF_FILE_PRIVATE_DATA, &rerr) : 0;
+	/* A socket's file points at its struct socket, which points back at the file; for any
+	 * other file private_data is something else and the back pointer will not match. */
+	if (rerr || !sock || kread_u64(sock + NA_OFF_SOCKET_FILE, &rerr) != file)
+		return 0;
+	sk = kread_u64(sock + NA_OFF_SOCKET_SK, &rerr);
+	family = kread_u16(sk + NA_OFF_SKC_FAMILY, &rerr);
+	if (rerr)
+		return 0;
+	if (family == NA_AF_INET) {
+		fill_v4(&key, kread_u32(sk + NA_OFF_SKC_RCV_SADDR, &rerr),
+			kread_u32(sk + NA_OFF_SKC_DADDR, &rerr));
+	} else if (family == NA_AF_INET6) {
+		if (bpf_probe_read_kernel(key.local, 16, (void *)(sk + NA_OFF_SKC_V6_RCV_SADDR)) ||
+		    bpf_probe_read_kernel(key.remote, 16, (void *)(sk + NA_OFF_SKC_V6_DADDR)))
+			return 0;
+	} else {
+		return 0;
+	}
+	key.lport = kread_u16(sk + NA_OFF_SKC_NUM, &rerr);      /* host order */
+	dport = kread_u16(sk + NA_OFF_SKC_DPORT, &rerr);        /* network order */
+	key.rport = __builtin_bswap16(dport);
+	pv = netaccel_peers.lookup(&key);
+	cnt = netaccel_cnt.lookup(&zero);
+	if (rerr || !pv || pv->sk != sk || !cnt)
+		return 0;  /* not a socket of ours */
+
+	cnt->splice_seen++;
+	__builtin_memcpy(learn.addr, key.local, 16);
+	learn.port = pv->passive ? key.lport : 0;
+	netaccel_nobypass.insert(&learn, &learned);  /* rule 10 */
+	if (pv->doomed)
+		return 0;
+	/* Rule 9, the reader's half: raise the flag, then look (the exchange orders them). */
+	__sync_lock_test_and_set(&pv->splice_block, 1);
+	pending = __sync_fetch_and_add(&pv->pending, 0);
+	if (pending && bpf_ktime_get_ns() - pv->pending_ts > SPLICE_PENDING_GRACE_NS)
+		pending = 0;  /* the sender's last redirect, long queued */
+	ud = kread_u64(sk + NA_OFF_SK_USER_DATA, &rerr);
+	if (ud & NA_SK_USER_DATA_PSOCK)
+		queued = kread_u32((ud & NA_SK_USER_DATA_PTRMASK) + NA_OFF_PSOCK_MSG_TOT_LEN, &rerr);
+	if (!rerr && !pending && !queued) {
+		cnt->splice_safe++;
+		return 0;
+	}
+	pv->doomed = 1;
+	cnt->splice_doomed++;
+	__builtin_memcpy(ev.local, key.local, 16);
+	__builtin_memcpy(ev.remote, key.remote, 16);
+	ev.lport = key.lport;
+	ev.rport = key.rport;
+	ev.tgid = bpf_get_current_pid_tgid() >> 32;
+	ev.tid = (__u32)bpf_get_current_pid_tgid();
+	/* The socket's own netns: a thread may read a socket of another namespace. */
+	ev.netns_ino = kread_u32(kread_u64(sk + NA_OFF_SKC_NET, &rerr) + NA_OFF_NET_NS_INUM, &rerr);
+	ev.queued = queued;
+	ev.pending = pending;
+	ev.passive = pv->passive;
+	netaccel_events.push(&ev, BPF_EXIST);  /* full: drop the oldest */
+	return 0;
+}
+
+/* syscalls:sys_enter_splice: fd_in is the first argument (offset 16 of the record). */
+int NA_PROG_SPLICE(void *ctx)
+{
+	return guard_read(*(__u64 *)((char *)ctx + 16));
+}
+
+/* syscalls:sys_enter_sendfile64: in_fd is the second argument (offset 24). */
+int NA_PROG_SENDFILE(void *ctx)
+{
+	return guard_read(*(__u64 *)((char *)ctx + 24));
 }

@@ -1,4 +1,4 @@
-"""The bpf() syscall through ctypes: pinned objects, maps, program attach/query/info.
+"""The bpf() syscall through ctypes: pinned objects, maps, program attach/query/info, links.
 
 Shared by the datapaths (sockets, vm) and doctor. User space reads and writes maps
 this way, so status and clean-up need neither bcc nor kernel headers.
@@ -20,9 +20,13 @@ BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 
 BPF_MAP_GET_NEXT_KEY, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH = 4, 6, 7, 8, 9
 BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID = 11, 13, 14
 BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 15, 16
+BPF_MAP_LOOKUP_AND_DELETE_ELEM, BPF_LINK_CREATE = 21, 28
+BPF_PERF_EVENT = 41  # attach type of a link to a perf event (a tracepoint)
 BPF_CGROUP_SOCK_OPS, BPF_SK_MSG_VERDICT = 3, 7
 BPF_F_ALLOW_MULTI = 2
 BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_SOCKHASH = 6, 18
+_SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}[platform.machine()]
+PERF_TYPE_TRACEPOINT, PERF_FLAG_FD_CLOEXEC = 2, 8
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -187,3 +191,31 @@ def prog_map_ids(fd: int, most: int = 16) -> list[int]:
     _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 256, addr(info)))
     count = struct.unpack_from("=I", info.raw, 52)[0]
     return list(ids[: min(count, most)])
+
+
+def map_pop(fd: int, value_size: int) -> bytes | None:
+    """Take the oldest value of a queue map; None when it is empty."""
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, struct.pack("=IIQQQ", fd, 0, 0, addr(v), 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def tracepoint_link(prog_fd: int, tracepoint_id: int) -> int:
+    """Attach a tracepoint program through a BPF link (pinnable: the attachment then outlives
+    this process); return the link's fd. The program runs for the tracepoint on every CPU."""
+    attr = ctypes.create_string_buffer(128)  # struct perf_event_attr (size 128)
+    struct.pack_into("=IIQQ", attr, 0, PERF_TYPE_TRACEPOINT, 128, tracepoint_id, 1)
+    pfd = _libc.syscall(_SYS_PERF_EVENT_OPEN, attr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    if pfd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"perf_event_open(tracepoint {tracepoint_id}): {os.strerror(err)}")
+    try:
+        link, _ = _bpf(BPF_LINK_CREATE, struct.pack("=IIII", prog_fd, pfd, BPF_PERF_EVENT, 0))
+    finally:
+        os.close(pfd)  # the link holds the perf event
+    return link

@@ -1,7 +1,7 @@
 """netaccel: the node helper's command line.
 
     netaccel doctor [--json]
-    netaccel bypass on --cidr CIDR [--cidr CIDR ...] | off | status [--json]
+    netaccel bypass on --cidr CIDR [--cidr CIDR ...] | off | status [--json] | guard
     netaccel vm accelerate|restore|status --netns NS [--interface IF] ...
 
 Exit codes: see node_helper.exitcodes (0 ok, 1 failed, 2 bad input, 3 missing feature).
@@ -85,7 +85,28 @@ def cmd_bypass(args: argparse.Namespace) -> int:
         sockets.disable()
         print("socket bypass off: nothing of netaccel is attached", file=sys.stderr)
         return exitcodes.OK
+    if args.action == "guard":
+        return _guard()
     show(sockets.status(), args.json)
+    return exitcodes.OK
+
+
+def _guard() -> int:
+    """Reset splice-doomed connections until interrupted (the agent does this itself)."""
+    import logging
+    import threading
+
+    from node_helper import sockets, splice_guard
+
+    if not sockets.status()["enabled"]:
+        raise ValueError("the socket bypass is off: nothing to guard")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print("splice guard running: resets connections whose reader splices stranded bytes "
+          "(Ctrl-C to stop)", file=sys.stderr)
+    try:
+        splice_guard.run(threading.Event())
+    except KeyboardInterrupt:
+        pass
     return exitcodes.OK
 
 
@@ -121,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bypass", help="same-node pod socket bypass (sock_ops + sk_msg)")
-    p.add_argument("action", choices=["on", "off", "status"])
+    p.add_argument("action", choices=["on", "off", "status", "guard"],
+                   help="guard: reset connections the splice guard cannot save (foreground)")
     p.add_argument("--cidr", action="append", type=_valid_cidr,
                    help="on: an accelerated prefix, e.g. a pod's address/32 (repeatable)")
     p.add_argument("--node-mem-limit-pages", type=int, default=None,

@@ -63,6 +63,25 @@ def ensure_bpffs(path: Path = BPFFS) -> Path:
     return path
 
 
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def tracepoint_id(category: str, name: str) -> int:
+    """The id of tracepoint category:name (tracefs is mounted when it is not)."""
+    if not any(point == TRACEFS and fstype == "tracefs" for _, point, fstype in mounts()):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"tracefs", str(TRACEFS).encode(), b"tracefs", 0, None) != 0:
+            err = ctypes.get_errno()
+            raise KernelFeatureError(f"cannot mount tracefs at {TRACEFS}: {os.strerror(err)} "
+                                     "(needs CONFIG_TRACING and root)")
+    path = TRACEFS / "events" / category / name / "id"
+    try:
+        return int(path.read_text())
+    except OSError:
+        raise KernelFeatureError(f"the kernel has no tracepoint {category}:{name} ({path}); "
+                                 "it needs CONFIG_FTRACE_SYSCALLS") from None
+
+
 def _is_bpffs(path: Path) -> bool:
     return any(point == path and fstype == "bpf" for _, point, fstype in mounts())
 

@@ -44,6 +44,7 @@ from node_helper.bpf_syscall import (  # noqa: F401 - re-exported for tests and 
     map_delete,
     map_keys,
     map_lookup,
+    map_pop,
     map_update,
     obj_get,
     obj_pin,
@@ -53,6 +54,7 @@ from node_helper.bpf_syscall import (  # noqa: F401 - re-exported for tests and 
     prog_fd_by_id,
     prog_info,
     prog_query,
+    tracepoint_link,
 )
 from node_helper.kernel import KernelFeatureError
 
@@ -60,13 +62,23 @@ BPF_SOURCE = "sockmap.c"
 PIN_DIR = kernel.pin_dir("bypass")
 PROG_OPS_NAME = f"{kernel.instance()}_ops"
 PROG_MSG_NAME = f"{kernel.instance()}_msg"
+PROG_SPLICE_NAME = f"{kernel.instance()}_spl"  # the splice guard (sockmap.c, rules 8-10)
+PROG_SENDFILE_NAME = f"{kernel.instance()}_sfl"
 # pin name -> bcc object name
-PINNED_PROGS = {"prog_ops": PROG_OPS_NAME, "prog_msg": PROG_MSG_NAME}
+PINNED_PROGS = {"prog_ops": PROG_OPS_NAME, "prog_msg": PROG_MSG_NAME,
+                "prog_splice": PROG_SPLICE_NAME, "prog_sendfile": PROG_SENDFILE_NAME}
 PINNED_MAPS = {"map_socks": "netaccel_socks", "map_accel": "netaccel_accel",
-               "map_counters": "netaccel_cnt", "map_config": "netaccel_cfg"}
+               "map_counters": "netaccel_cnt", "map_config": "netaccel_cfg",
+               "map_nobypass": "netaccel_nobypass", "map_events": "netaccel_events"}
+# pin name of a tracepoint link -> (its program's pin, tracepoint): pinned links keep the
+# guard attached after this process exits, like the legacy attachments of the others.
+GUARD_LINKS = {"link_splice": ("prog_splice", "sys_enter_splice"),
+               "link_sendfile": ("prog_sendfile", "sys_enter_sendfile64")}
 COUNTERS = bpf_abi.layout("bypass_counters")
 CONFIG = bpf_abi.layout("bypass_config")
 SOCK_KEY = bpf_abi.layout("sock_key")
+NO_BYPASS_KEY = bpf_abi.layout("no_bypass_key")
+SPLICE_EVENT = bpf_abi.layout("splice_event")
 LPM_KEY = bpf_abi.layout("lpm_key")
 TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
 # Per-connection floor of the bound on unread redirected bytes. The receiver's rcvbuf is not
@@ -83,6 +95,23 @@ KERNEL_MEMBERS = {
     "NA_OFF_SKC_PROT": ("sock", "__sk_common.skc_prot", 8),
     "NA_OFF_PSOCK_MSG_TOT_LEN": ("sk_psock", "msg_tot_len", 4),
     "NA_OFF_PROTO_MEMORY_ALLOCATED": ("proto", "memory_allocated", 8),
+    # the splice guard: from a file descriptor to its socket's 4-tuple
+    "NA_OFF_TASK_FILES": ("task_struct", "files", 8),
+    "NA_OFF_FILES_FDT": ("files_struct", "fdt", 8),
+    "NA_OFF_FDT_MAX_FDS": ("fdtable", "max_fds", 4),
+    "NA_OFF_FDT_FD": ("fdtable", "fd", 8),
+    "NA_OFF_FILE_PRIVATE_DATA": ("file", "private_data", 8),
+    "NA_OFF_SOCKET_FILE": ("socket", "file", 8),
+    "NA_OFF_SOCKET_SK": ("socket", "sk", 8),
+    "NA_OFF_SKC_FAMILY": ("sock", "__sk_common.skc_family", 2),
+    "NA_OFF_SKC_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr", 4),
+    "NA_OFF_SKC_DADDR": ("sock", "__sk_common.skc_daddr", 4),
+    "NA_OFF_SKC_NUM": ("sock", "__sk_common.skc_num", 2),
+    "NA_OFF_SKC_DPORT": ("sock", "__sk_common.skc_dport", 2),
+    "NA_OFF_SKC_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr", 16),
+    "NA_OFF_SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr", 16),
+    "NA_OFF_SKC_NET": ("sock", "__sk_common.skc_net", 8),
+    "NA_OFF_NET_NS_INUM": ("net", "ns.inum", 4),
 }
 _MOUNTINFO = Path("/proc/self/mountinfo")  # tests point this at a fake one
 
@@ -146,7 +175,7 @@ def attached_programs(cgroup: Path | None = None) -> list[int]:
 
 
 def _pins_complete() -> bool:
-    return all((PIN_DIR / n).exists() for n in (*PINNED_PROGS, *PINNED_MAPS))
+    return all((PIN_DIR / n).exists() for n in (*PINNED_PROGS, *PINNED_MAPS, *GUARD_LINKS))
 
 
 def _is_enabled(cgroup_fd: int) -> bool:
@@ -185,7 +214,7 @@ def _cleanup(cgroup_fd: int | None) -> None:
             for prog_id in prog_query(socks_fd, BPF_SK_MSG_VERDICT):
                 with contextlib.suppress(OSError), closing(prog_fd_by_id(prog_id)) as fd:
                     prog_detach(socks_fd, fd, BPF_SK_MSG_VERDICT)
-    # 3. Unpin.
+    # 3. Unpin (the guard's links go with their pins: the tracepoints detach).
     if PIN_DIR.exists():
         for entry in PIN_DIR.iterdir():
             entry.unlink()
@@ -290,7 +319,70 @@ def status() -> dict[str, Any]:
         with closing(obj_get(PIN_DIR / "map_accel")) as fd:
             result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY.size))
         result.update(_read_config())
+        result["no_bypass"] = no_bypass()
     return result
+
+
+# --- workloads left alone, and the splice guard's events -----------------------------------
+
+NB_SOURCES = {bpf_abi.constant("NB_LEARNED"): "learned",
+              bpf_abi.constant("NB_CONFIGURED"): "configured"}
+
+
+def _addr16(ip: str) -> bytes:
+    addr = ipaddress.ip_address(ip)
+    return (b"\0" * 10 + b"\xff\xff" + addr.packed) if addr.version == 4 else addr.packed
+
+
+def _ip(raw16: bytes) -> str:
+    addr = ipaddress.IPv6Address(raw16)
+    return str(addr.ipv4_mapped or addr)
+
+
+def _nb_key(ip: str, port: int) -> bytes:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0 (every port) to 65535, not {port}")
+    return struct.pack(NO_BYPASS_KEY.format, *struct.unpack("=4I", _addr16(ip)), port)
+
+
+def no_bypass() -> list[dict[str, Any]]:
+    """Workloads the bypass leaves alone: address, local port (0: all), learned/configured."""
+    out = []
+    with contextlib.suppress(OSError), closing(obj_get(PIN_DIR / "map_nobypass")) as fd:
+        for key in map_keys(fd, NO_BYPASS_KEY.size):
+            value = map_lookup(fd, key, 4)
+            source = NB_SOURCES.get(struct.unpack("=I", value)[0], "?") if value else "?"
+            out.append({"address": _ip(key[:16]), "port": NO_BYPASS_KEY.unpack(key)["port"],
+                        "source": source})
+    return sorted(out, key=lambda e: (e["address"], e["port"]))
+
+
+def set_no_bypass(entries: Sequence[tuple[str, int]]) -> None:
+    """Make the configured opt-outs exactly `entries` ((address, port), port 0: all ports);
+    what the splice guard learned stays. New connections of those workloads run on TCP."""
+    wanted = {_nb_key(ip, port) for ip, port in entries}  # ValueError before any change
+    configured = struct.pack("=I", bpf_abi.constant("NB_CONFIGURED"))
+    with closing(obj_get(PIN_DIR / "map_nobypass")) as fd:
+        for key in wanted:
+            map_update(fd, key, configured)
+        for key in list(map_keys(fd, NO_BYPASS_KEY.size)):
+            if key not in wanted and map_lookup(fd, key, 4) == configured:
+                map_delete(fd, key)
+
+
+def pop_splice_events(most: int = 256) -> list[dict[str, Any]]:
+    """Take the splice guard's pending events (connections to reset), oldest first."""
+    events = []
+    with contextlib.suppress(OSError), closing(obj_get(PIN_DIR / "map_events")) as fd:
+        while len(events) < most and (raw := map_pop(fd, SPLICE_EVENT.size)) is not None:
+            ev = SPLICE_EVENT.unpack(raw)
+            events.append({
+                "local": _ip(raw[:16]), "remote": _ip(raw[16:32]), "lport": ev["lport"],
+                "rport": ev["rport"], "tgid": ev["tgid"], "tid": ev["tid"],
+                "netns_ino": ev["netns_ino"], "queued": ev["queued"],
+                "pending": bool(ev["pending"]), "passive": bool(ev["passive"]),
+            })
+    return events
 
 
 # --- flow control ---------------------------------------------------------------------------
@@ -394,15 +486,20 @@ def _compile() -> tuple[Any, Any, Any]:
     offsets = kernel_offsets()  # before compiling: refuse clearly, not half-working
     bpf = kernel.compile_bpf(BPF_SOURCE, [f"-DNA_PROG_OPS={PROG_OPS_NAME}",
                                           f"-DNA_PROG_MSG={PROG_MSG_NAME}",
+                                          f"-DNA_PROG_SPLICE={PROG_SPLICE_NAME}",
+                                          f"-DNA_PROG_SENDFILE={PROG_SENDFILE_NAME}",
                                           *(f"-D{k}={v}" for k, v in sorted(offsets.items()))])
     try:
         bpf_abi.check_map(bpf, "netaccel_accel", key="lpm_key")
         bpf_abi.check_map(bpf, "netaccel_cnt", value="bypass_counters")
         bpf_abi.check_map(bpf, "netaccel_cfg", value="bypass_config")
         bpf_abi.check_map(bpf, "netaccel_peers", key="sock_key", value="peer_sock")
+        bpf_abi.check_map(bpf, "netaccel_nobypass", key="no_bypass_key")
         bcc = kernel.import_bcc()
         ops = bpf.load_func(PROG_OPS_NAME.encode(), bcc.BPF.SOCK_OPS)
         msg = bpf.load_func(PROG_MSG_NAME.encode(), bcc.BPF.SK_MSG)
+        for name in (PROG_SPLICE_NAME, PROG_SENDFILE_NAME):
+            bpf.load_func(name.encode(), bcc.BPF.TRACEPOINT)
     except bpf_abi.AbiError:
         bpf.cleanup()
         raise
@@ -433,8 +530,14 @@ def _fresh_start(cgroup_fd: int, nets: Sequence[Any], config: dict[str, int]) ->
             map_update(fds["netaccel_accel"], lpm_key(net), struct.pack("=I", 1))
         for pin, name in PINNED_MAPS.items():
             obj_pin(fds[name], PIN_DIR / pin)
-        obj_pin(ops.fd, PIN_DIR / "prog_ops")
-        obj_pin(msg.fd, PIN_DIR / "prog_msg")
+        for pin, name in PINNED_PROGS.items():
+            obj_pin(bpf.funcs[name.encode()].fd, PIN_DIR / pin)
+        # The splice guard first: from the first bypassed socket on, a splice is seen.
+        for link_pin, (prog_pin, tracepoint) in GUARD_LINKS.items():
+            tp_id = kernel.tracepoint_id("syscalls", tracepoint)
+            with closing(obj_get(PIN_DIR / prog_pin)) as prog_fd, \
+                    closing(tracepoint_link(prog_fd, tp_id)) as link_fd:
+                obj_pin(link_fd, PIN_DIR / link_pin)
         # sk_msg first: a socket takes the sockhash's programs when it is inserted, so every
         # inserted socket runs the verdict program from its first message.
         prog_attach(fds["netaccel_socks"], msg.fd, BPF_SK_MSG_VERDICT)
