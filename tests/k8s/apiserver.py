@@ -340,9 +340,12 @@ class APIServer:
     def etcd_log_tail(self, lines: int = 40) -> str:
         return _tail(self._etcd.log, lines)
 
-    def stop_apiserver(self) -> None:
-        """Stop kube-apiserver (SIGTERM, then SIGKILL); etcd keeps running."""
-        self._apiserver.stop()
+    def stop_apiserver(self, timeout: float = 15.0) -> None:
+        """Stop kube-apiserver (SIGTERM, then SIGKILL after ``timeout`` s); etcd keeps running.
+
+        With watches open, kube-apiserver v1.37 stops listening at once but its process
+        lingers until the SIGKILL (seen here); pass a short ``timeout`` then."""
+        self._apiserver.stop(timeout)
 
     def start_apiserver(self) -> float:
         """Start kube-apiserver again (same flags and port); returns seconds to ready."""
@@ -353,11 +356,11 @@ class APIServer:
         self._apiserver.start()
         return self.wait_ready()
 
-    def restart_apiserver(self) -> float:
+    def restart_apiserver(self, stop_timeout: float = 15.0) -> float:
         """Restart kube-apiserver keeping etcd (and so all objects); returns
         seconds to ready. Watch caches start empty afterwards, so watches from
         resourceVersions older than the restart get 410 Gone."""
-        self.stop_apiserver()
+        self.stop_apiserver(stop_timeout)
         return self.start_apiserver()
 
     def stop(self) -> None:
@@ -383,7 +386,8 @@ class APIServer:
         resp = self._etcd_call("/v3/kv/range", {"key": key, "count_only": True})
         return int(resp["header"]["revision"])
 
-    def compact_etcd(self, revision: int | None = None, *, restart_apiserver: bool = False) -> int:
+    def compact_etcd(self, revision: int | None = None, *, restart_apiserver: bool = False,
+                     stop_timeout: float = 15.0) -> int:
         """Compact etcd up to ``revision`` (default: past the newest write); returns it.
 
         Whatever asks etcd for a resourceVersion older than the newest one at
@@ -421,7 +425,7 @@ class APIServer:
                 raise APIServerError(
                     f"etcd compaction at {rev} failed: HTTP {err.code}: {detail}") from err
         if restart_apiserver:
-            self.restart_apiserver()
+            self.restart_apiserver(stop_timeout)
         return rev
 
     # -- CRDs -----------------------------------------------------------------

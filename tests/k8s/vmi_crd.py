@@ -8,7 +8,7 @@ differently rewritten:
 - `metadata` becomes `{type: object}` (the API server validates ObjectMeta itself);
 - descriptions, `default`s and `x-kubernetes-*` list/map hints of the source are dropped
   (defaults would be applied on create; we want objects stored as the test wrote them);
-- IntOrString -> `x-kubernetes-int-or-string`, Quantity -> int-or-string too,
+- IntOrString, Quantity and inline `type: [string, number]` -> `x-kubernetes-int-or-string`;
   RawExtension / untyped objects -> `x-kubernetes-preserve-unknown-fields`;
 - below `max_depth` nested levels (default: no limit: the whole VMI spec and status are
   inlined; KubeVirt's definitions have no recursion) an object keeps its type and
@@ -55,8 +55,12 @@ def structural_schema(definitions: dict[str, Any], name: str,
             if target in stack:  # recursion: stop here
                 return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
             return convert(definitions[target], depth, (*stack, target))
-        out = {k: node[k] for k in _KEEP if k in node}
         kind = node.get("type")
+        if isinstance(kind, list):  # e.g. a port: ["string", "number"]
+            if set(kind) <= {"string", "integer", "number"}:
+                return {"x-kubernetes-int-or-string": True}
+            return {"x-kubernetes-preserve-unknown-fields": True}
+        out = {k: node[k] for k in _KEEP if k in node}
         if kind == "object" or "properties" in node or "additionalProperties" in node:
             out["type"] = "object"
             if max_depth is not None and depth >= max_depth:
