@@ -10,8 +10,11 @@ setup:
 demo: setup
 	$(VENV)/bin/netaccel-lab bench pods --json demo-pods.json --plot demo-pods.png
 
+# The k8s tests run a real kube-apiserver + etcd: built once (needs Go, ~6 min on 2 cores),
+# cached under /var/cache/netaccel; a no-op afterwards.
 test: setup
 	$(VENV)/bin/ruff check .
+	bash scripts/build-kube-apiserver.sh
 	$(PY) -m pytest -q tests
 
 lint: setup

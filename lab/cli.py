@@ -1,6 +1,7 @@
 """netaccel-lab: the lab's command line (testbed, benchmarks).
 
-    netaccel-lab testbed up [--pods N] [--vms M] [--guest netns|qemu] | status | down
+    netaccel-lab testbed up [--pods N] [--vms M] [--guest netns|qemu] [--kubelet-root DIR]
+                            [--cgroup-driver systemd|cgroupfs] | status | down
     netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
     netaccel-lab bench pods|vm [--quick] [--rounds R] [--json FILE] [--plot FILE.png]
 
@@ -30,7 +31,9 @@ def _positive_int(text: str) -> int:
 
 def cmd_testbed(args: argparse.Namespace) -> int:
     if args.action == "up":
-        bed = testbed.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest)
+        bed = testbed.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest,
+                                     kubelet_root=args.kubelet_root,
+                                     cgroup_driver=args.cgroup_driver)
         print(f"testbed {bed.number} up: {len(bed.pods)} pods, {len(bed.vms)} VMs "
               f"({args.guest} guests)", file=sys.stderr)
         print(bed.to_json())
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pods", type=int, default=2)
     p.add_argument("--vms", type=int, default=0)
     p.add_argument("--guest", choices=["netns", "qemu"], default="netns")
+    p.add_argument("--kubelet-root", metavar="DIR",
+                   help="up: lay pods out as kubelet does (UIDs, cgroups, launcher sockets)")
+    p.add_argument("--cgroup-driver", choices=testbed.CGROUP_DRIVERS, default="systemd")
     p.add_argument("--number", type=int, help="status/down: which testbed (when several)")
     p.add_argument("--all", action="store_true", help="down: remove every testbed")
     p.add_argument("--json", action="store_true")

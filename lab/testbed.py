@@ -16,18 +16,38 @@ Used by the tests, the demo and the benchmarks alike. One testbed is:
 Names and addresses derive from the testbed number <k>, so any process can find a testbed
 again from the namespaces alone (no state file). Everything lives in namespaces the testbed
 created; `destroy()` removes them all, and so does `destroy_all()` after a crash.
+
+With `kubelet_root` the testbed also lays pods out the way kubelet and KubeVirt do, so that
+node_helper.netns_discovery is tested for real: every pod and VM launcher gets a UID
+(uuid4) and a long-running process inside its netns, placed in a kubelet-style cgroup under
+<cgroup v2 root>/netaccel-lab-<k>/ (never the real kubepods; `cgroup_root` is what discovery
+is pointed at), named for the `cgroup_driver`:
+
+    systemd   kubepods.slice[/kubepods-<qos>.slice]/kubepods[-<qos>]-pod<uid_>.slice/
+                  <runtime>-<64 hex>.scope
+    cgroupfs  kubepods[/<qos>]/pod<uid>/<64 hex>
+
+QoS classes (guaranteed, burstable, besteffort) and runtimes (cri-containerd-, crio-,
+docker-) rotate over the pods. A VM's process listens on virt-launcher's command socket,
+<kubelet_root>/pods/<uid>/volumes/kubernetes.io~empty-dir/sockets/launcher-sock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import random
 import re
+import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +56,7 @@ from typing import Any
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_helper.kernel import NETNS_DIR, netns_argv, remove_netns
+from node_helper.kernel import NETNS_DIR, cgroup2_root, netns_argv, remove_netns
 from node_helper.vm import Link
 
 PREFIX = "na"
@@ -46,6 +66,22 @@ GUEST_UDP_PORT = 7777  # QEMU guests send "netaccel-guest <ip>" here on pod0
 NODE_BRIDGE = "br0"
 MAX_PODS, MAX_VMS, MAX_QEMU_VMS = 80, 100, 55
 _NS_RE = re.compile(rf"^{PREFIX}(\d+)-(node|pod(\d+)|vm(\d+)g?)$")
+CGROUP_PREFIX = "netaccel-lab-"
+CGROUP_DRIVERS = ("systemd", "cgroupfs")
+QOS_CLASSES = ("", "burstable", "besteffort")  # "" = Guaranteed
+RUNTIMES = ("cri-containerd-", "crio-", "docker-")
+LAUNCHER_SOCK = "volumes/kubernetes.io~empty-dir/sockets/launcher-sock"
+_POD_UID_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_]"
+                         r"[0-9a-f]{12})")
+# virt-launcher's command socket, played by a process in the launcher's netns
+# (bound relative to its folder: kubelet paths can exceed the 108 bytes of sun_path)
+_LISTENER = ("import os, socket, sys\n"
+             "os.chdir(os.path.dirname(sys.argv[1]))\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "s.bind(os.path.basename(sys.argv[1]))\n"
+             "s.listen(64)\n"
+             "while True:\n"
+             "    s.accept()[0].close()\n")
 
 
 def is_tap(link: Link) -> bool:
@@ -69,6 +105,8 @@ class Pod:
     ipv4: str
     ipv6: str
     host_veth: str  # the node-side veth on br0
+    uid: str = ""  # with kubelet_root: the pod UID and its kubelet-style cgroup
+    cgroup: str = ""
 
 
 @dataclass
@@ -85,6 +123,9 @@ class Vm:
     host_veth: str = ""
     guest_kind: str = "netns"
     extra: dict[str, Any] = field(default_factory=dict)
+    uid: str = ""  # with kubelet_root: the launcher pod's UID, cgroup and command socket
+    cgroup: str = ""
+    launcher_socket: str = ""
 
 
 def _addresses(k: int, host: int) -> tuple[str, str]:
@@ -100,6 +141,9 @@ class Testbed:
     number: int
     pods: list[Pod] = field(default_factory=list)
     vms: list[Vm] = field(default_factory=list)
+    kubelet_root: Path | None = None
+    cgroup_driver: str = "systemd"
+    _procs: list[subprocess.Popen] = field(default_factory=list, repr=False, compare=False)
 
     # --- names ------------------------------------------------------------
     @property
@@ -114,6 +158,11 @@ class Testbed:
     def ipv6_cidr(self) -> str:
         return f"fd00:6e61:{self.number:x}::/64"
 
+    @property
+    def cgroup_root(self) -> Path:
+        """Where the kubelet-style cgroups are (point netns discovery's cgroup_root here)."""
+        return cgroup2_root() / f"{CGROUP_PREFIX}{self.number}"
+
     def pod_cidrs(self) -> list[str]:
         """Host routes (/32, /128) for every pod address: the default accelerated set."""
         return [f"{p.ipv4}/32" for p in self.pods] + [f"{p.ipv6}/128" for p in self.pods]
@@ -121,7 +170,9 @@ class Testbed:
     # --- life cycle -------------------------------------------------------
     @classmethod
     def create(cls, pods: int = 2, vms: int = 0, number: int | None = None,
-               guest: str = "netns", paused: bool = False) -> Testbed:
+               guest: str = "netns", paused: bool = False,
+               kubelet_root: str | Path | None = None,
+               cgroup_driver: str = "systemd") -> Testbed:
         """Build a new testbed; on any failure, remove what was built and re-raise.
 
         guest="netns": each VM's guest is a network namespace behind a veth standing in for
@@ -129,9 +180,13 @@ class Testbed:
         sidecar's edited domain XML, on a real tap0, taking its address by DHCP from dnsmasq
         on k6t-eth0 (standing in for virt-launcher's DHCP server). With `paused`, QEMU guests
         wait with stopped vCPUs until `resume_qemu_guests()` (to set up a datapath first).
+        With `kubelet_root`, pods and launchers get UIDs, processes and a kubelet-style
+        layout (cgroups named for `cgroup_driver`, launcher sockets; module docstring).
         """
         if guest not in ("netns", "qemu"):
             raise TestbedError(f"guest must be 'netns' or 'qemu', not {guest!r}")
+        if cgroup_driver not in CGROUP_DRIVERS:
+            raise TestbedError(f"cgroup_driver must be one of {', '.join(CGROUP_DRIVERS)}")
         # Address plan of 10.251.<k>.0/24: pods .10+i, VMs .100+j, QEMU guests' DHCP servers
         # .200+j (so at most 55 QEMU guests).
         most_vms = MAX_QEMU_VMS if guest == "qemu" else MAX_VMS
@@ -148,7 +203,8 @@ class Testbed:
             number = random.choice(free)
         elif number in taken:
             raise TestbedError(f"testbed {number} already exists")
-        bed = cls(number=number)
+        bed = cls(number=number, cgroup_driver=cgroup_driver,
+                  kubelet_root=Path(kubelet_root) if kubelet_root is not None else None)
         try:
             bed._build_node()
             for i in range(pods):
@@ -158,6 +214,8 @@ class Testbed:
                     bed._add_qemu_vm(j, paused)
                 else:
                     bed._add_vm(j)
+            if bed.kubelet_root is not None:
+                bed._kubelet_layout()
         except BaseException:
             bed.destroy()
             raise
@@ -195,12 +253,25 @@ class Testbed:
                 bed.vms.append(vm)
         bed.pods.sort(key=lambda p: p.name)
         bed.vms.sort(key=lambda v: v.name)
+        bed._find_kubelet_layout()
         return bed
 
     def destroy(self) -> None:
-        """Remove every namespace of this testbed (and so every link in them), and its QEMU
-        guests."""
-        destroy_number(self.number)
+        """Remove every namespace of this testbed (and so every link in them), its QEMU
+        guests, and with a kubelet layout its processes, cgroups and launcher sockets."""
+        try:
+            for proc in self._procs:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+            self._procs.clear()
+            destroy_number(self.number)
+        finally:
+            if self.kubelet_root is not None:
+                for uid in [p.uid for p in self.pods] + [v.uid for v in self.vms]:
+                    if uid:
+                        shutil.rmtree(self.kubelet_root / "pods" / uid, ignore_errors=True)
 
     def __enter__(self) -> Testbed:
         return self
@@ -351,10 +422,83 @@ class Testbed:
             br = ns.link_lookup(ifname=NODE_BRIDGE)[0]
             ns.link("set", index=idx, master=br, state="up")
 
+    # --- the kubelet-style layout -------------------------------------------
+    def _pod_cgroup(self, uid: str, i: int) -> Path:
+        """kubelet's pod cgroup for the testbed's cgroup driver; QoS class by index."""
+        qos = QOS_CLASSES[i % len(QOS_CLASSES)]
+        if self.cgroup_driver == "cgroupfs":
+            return self.cgroup_root / "kubepods" / qos / f"pod{uid}" if qos else \
+                self.cgroup_root / "kubepods" / f"pod{uid}"
+        under = uid.replace("-", "_")
+        if qos:
+            return (self.cgroup_root / "kubepods.slice" / f"kubepods-{qos}.slice"
+                    / f"kubepods-{qos}-pod{under}.slice")
+        return self.cgroup_root / "kubepods.slice" / f"kubepods-pod{under}.slice"
+
+    def _container_cgroup(self, pod_cgroup: Path, i: int) -> Path:
+        cid = secrets.token_hex(32)
+        if self.cgroup_driver == "cgroupfs":
+            return pod_cgroup / cid
+        return pod_cgroup / f"{RUNTIMES[i % len(RUNTIMES)]}{cid}.scope"
+
+    def _start_in_cgroup(self, netns_name: str, argv: list[str], cgroup: Path) -> int:
+        cgroup.mkdir(parents=True, exist_ok=True)
+        proc = popen_in(netns_name, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        self._procs.append(proc)
+        (cgroup / "cgroup.procs").write_text(str(proc.pid))
+        return proc.pid
+
+    def _kubelet_layout(self) -> None:
+        assert self.kubelet_root is not None
+        for i, pod in enumerate(self.pods):
+            pod.uid = str(uuid.uuid4())
+            cg = self._pod_cgroup(pod.uid, i)
+            pod.cgroup = str(cg)
+            self._start_in_cgroup(pod.netns, ["sleep", "infinity"],
+                                  self._container_cgroup(cg, i))
+        for j, vm in enumerate(self.vms):
+            vm.uid = str(uuid.uuid4())
+            cg = self._pod_cgroup(vm.uid, len(self.pods) + j)
+            vm.cgroup = str(cg)
+            sock = self.kubelet_root / "pods" / vm.uid / LAUNCHER_SOCK
+            sock.parent.mkdir(parents=True, exist_ok=True)
+            vm.launcher_socket = str(sock)
+            self._start_in_cgroup(vm.launcher_netns, [sys.executable, "-c", _LISTENER, str(sock)],
+                                  self._container_cgroup(cg, len(self.pods) + j))
+            deadline = time.monotonic() + 10
+            while not sock.exists():
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"{vm.name}: no launcher socket at {sock} after 10 s")
+                time.sleep(0.02)
+
+    def _find_kubelet_layout(self) -> None:
+        """UIDs, cgroups and sockets back from the processes (for `find`)."""
+        if not self.cgroup_root.is_dir():
+            return
+        pids = netns.ns_pids()
+        for item, name in [(p, p.netns) for p in self.pods] + \
+                [(v, v.launcher_netns) for v in self.vms]:
+            for pid in pids.get(name, []):
+                with contextlib.suppress(OSError):
+                    path = Path(f"/proc/{pid}/cgroup").read_text().split("::", 1)[-1].strip()
+                    m = _POD_UID_RE.search(path)
+                    if not m or CGROUP_PREFIX not in path:
+                        continue
+                    item.uid = m.group(1).replace("_", "-")
+                    item.cgroup = str(cgroup2_root() / path.lstrip("/")).rsplit("/", 1)[0]
+                    self.cgroup_driver = "systemd" if ".slice" in path else "cgroupfs"
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if isinstance(item, Vm) and len(argv) > 3:
+                        item.launcher_socket = argv[3].decode()
+                        self.kubelet_root = Path(item.launcher_socket).parents[5]
+                    break
+
     # --- using ------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """A JSON-ready description: {"number", "node_netns", "pods": [...], "vms": [...]}."""
-        return {
+        """A JSON-ready description: {"number", "node_netns", "pods": [...], "vms": [...]};
+        with a kubelet layout also "kubelet_root", "cgroup_root", "cgroup_driver"."""
+        out = {
             "number": self.number,
             "node_netns": self.node_netns,
             "ipv4_cidr": self.ipv4_cidr,
@@ -362,6 +506,10 @@ class Testbed:
             "pods": [asdict(p) for p in self.pods],
             "vms": [asdict(vm) for vm in self.vms],
         }
+        if self.kubelet_root is not None:
+            out.update(kubelet_root=str(self.kubelet_root), cgroup_root=str(self.cgroup_root),
+                       cgroup_driver=self.cgroup_driver)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.status(), indent=2)
@@ -380,15 +528,61 @@ def existing_numbers() -> list[int]:
 
 
 def destroy_number(number: int) -> None:
-    """Remove testbed `number`: its QEMU guests, then every namespace named for it."""
+    """Remove testbed `number`: its QEMU guests, then every namespace named for it (and what
+    runs inside), then its kubelet-style cgroups."""
     _destroy_qemu_guests(number)
-    for name in netns.listnetns():
-        m = _NS_RE.match(name)
-        if m and int(m.group(1)) == number:
-            remove_netns(name)
+    ours = [n for n in netns.listnetns() if (m := _NS_RE.match(n)) and int(m.group(1)) == number]
+    sockets = _launcher_sockets(ours)
+    for name in ours:
+        remove_netns(name)
+    remove_cgroups(number)
+    for sock in sockets:  # <kubelet_root>/pods/<uid>/volumes/kubernetes.io~empty-dir/sockets/
+        shutil.rmtree(sock.parents[3], ignore_errors=True)
     # dnsmasq's work dirs of the QEMU guests' DHCP servers
     for workdir in Path(tempfile.gettempdir()).glob(f"netaccel-dhcp-{PREFIX}{number}-vm*"):
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _launcher_sockets(netns_names: list[str]) -> list[Path]:
+    """The launcher sockets served by processes in these namespaces (from their argv)."""
+    found = []
+    pids = netns.ns_pids()
+    for name in netns_names:
+        for pid in pids.get(name, []):
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if len(argv) > 3 and argv[3].endswith(b"/" + LAUNCHER_SOCK.encode()):
+                    found.append(Path(argv[3].decode()))
+    return found
+
+
+def remove_cgroups(number: int, timeout: float = 10.0) -> None:
+    """Kill what is left in <cgroup v2 root>/netaccel-lab-<number> and remove the tree."""
+    try:
+        top = cgroup2_root() / f"{CGROUP_PREFIX}{number}"
+    except (OSError, RuntimeError):  # no cgroup v2 at all: nothing of ours either
+        return
+    if not top.is_dir():
+        return
+    dirs = sorted((Path(d) for d, _, _ in os.walk(top)), key=lambda p: len(p.parts),
+                  reverse=True)
+    for d in dirs:
+        with contextlib.suppress(OSError, ValueError):
+            for pid in (d / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    for d in dirs:  # deepest first; a cgroup goes once its processes have exited
+        while True:
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise TestbedError(f"cannot remove cgroup {d}: {exc}") from exc
+                time.sleep(0.02)
 
 
 def _destroy_qemu_guests(number: int) -> None:
@@ -416,6 +610,9 @@ def _vmi_for(domain_name: str) -> dict[str, Any]:
 def destroy_all() -> list[int]:
     """Remove every testbed on this machine; return their numbers."""
     numbers = {int(m.group(1)) for n in netns.listnetns() if (m := _NS_RE.match(n))}
+    with contextlib.suppress(OSError, RuntimeError):
+        numbers |= {int(d.name[len(CGROUP_PREFIX):]) for d in cgroup2_root().iterdir()
+                    if d.name.startswith(CGROUP_PREFIX) and d.name[len(CGROUP_PREFIX):].isdigit()}
     if Path("/var/run/libvirt/libvirt-sock").exists():  # guests whose netns already went
         from lab import qemu_guest
 
