@@ -58,8 +58,10 @@ def api_client(api: APIServer, token: str) -> Any:
     return client.ApiClient(cfg)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def admin(apiserver: APIServer) -> Iterator[Any]:
-    """An ApiClient with the admin token (system:masters)."""
+    """An ApiClient with the admin token (system:masters), new for each test: a pooled
+    keep-alive connection left over from another test (a watch, a server restart) once
+    made a request read the rest of an old chunked body as its status line."""
     with api_client(apiserver, apiserver.token) as c:
         yield c
