@@ -3,6 +3,8 @@
     netaccel doctor [--json]
     netaccel bypass on --cidr CIDR [--cidr CIDR ...] | off | status [--json]
     netaccel vm accelerate|restore|status --netns NS [--interface IF] ...
+    netaccel node run [--static FILE] [--kubernetes] [--node-name N] [--metrics-bind H:P]
+    netaccel node status [--json] | cleanup [--json]
 
 Exit codes: see node_helper.exitcodes (0 ok, 1 failed, 2 bad input, 3 missing feature).
 The lab (testbed, benchmarks) has its own command, netaccel-lab.
@@ -13,7 +15,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,6 +114,82 @@ def cmd_vm(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+# --- node ----------------------------------------------------------------------
+
+def _kubernetes(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """The Kubernetes source and the netns resolver, or None when this build has none."""
+    try:
+        from node_helper import netns_discovery, source_kubernetes
+    except ModuleNotFoundError as exc:
+        if exc.name in ("node_helper.source_kubernetes", "node_helper.netns_discovery"):
+            return None
+        raise
+    node_name = args.node_name or os.environ.get("NODE_NAME")
+    if not node_name:
+        raise ValueError("--kubernetes needs the node's name: --node-name or NODE_NAME "
+                         "(the DaemonSet sets it from spec.nodeName)")
+    return source_kubernetes.KubernetesSource(node_name), netns_discovery.find_netns
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    from node_helper import agent, metrics
+    from node_helper.reconcile import netns_from_endpoint
+    from node_helper.source_static import StaticSource
+
+    agent.setup_logging()
+    sources: list[Any] = []
+    resolve = netns_from_endpoint
+    if args.static:
+        sources.append(StaticSource(args.static))
+    if args.kubernetes:
+        found = _kubernetes(args)
+        if found is None:
+            print("netaccel: --kubernetes: this build has no Kubernetes source "
+                  "(node_helper/source_kubernetes.py and node_helper/netns_discovery.py are "
+                  "not installed); use --static FILE", file=sys.stderr)
+            return exitcodes.MISSING_FEATURE
+        source, find_netns = found
+        sources.append(source)
+
+        def resolve(ep: Any) -> str:  # the source's own netns first (static entries)
+            return ep.netns or find_netns(ep)
+    if not sources:
+        raise ValueError("node run needs a source of desired state: --static FILE and/or "
+                         "--kubernetes")
+    bind = None if args.metrics_bind in ("", "off") else metrics.parse_bind(args.metrics_bind)
+    daemon = agent.Agent(sources, resolve=resolve, metrics_bind=bind,
+                         per_vm_metrics=args.per_vm_metrics, resync_interval=args.resync)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()  # SIGTERM (rolling update) and SIGINT: leave everything in place
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.run(stop)
+    return exitcodes.OK
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from node_helper import node
+
+    if args.action == "run":
+        return cmd_node_run(args)
+    if args.action == "cleanup":
+        done = node.cleanup()
+        if args.json:
+            print_json(done)
+        else:
+            print(f"bypass: {'removed' if done['bypass_was_enabled'] else 'was off'}; "
+                  f"VM datapaths restored: {len(done['vms_restored'])}; pins removed: "
+                  f"{len(done['pins_removed'])}", file=sys.stderr)
+            for err in done["errors"]:
+                print(f"error: {json.dumps(err)}", file=sys.stderr)
+        return exitcodes.OK if done["ok"] else exitcodes.FAILED
+    show(node.status(), args.json)
+    return exitcodes.OK
+
+
 # --- parser --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "off costs TCP >= 4 KiB about a quarter of its throughput)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vm)
+
+    p = sub.add_parser("node", help="the node agent: run it, see and remove what it installed")
+    p.add_argument("action", choices=["run", "status", "cleanup"])
+    p.add_argument("--static", metavar="FILE",
+                   help="run: desired state from a YAML file (node_helper.source_static)")
+    p.add_argument("--kubernetes", action="store_true",
+                   help="run: desired state from the API server (pods/VMIs of this node)")
+    p.add_argument("--node-name", help="run --kubernetes: this node (default $NODE_NAME)")
+    p.add_argument("--metrics-bind", default="127.0.0.1:9464", metavar="HOST:PORT",
+                   help="run: /metrics /healthz /readyz (default 127.0.0.1:9464; port 0: any "
+                   "free port, logged; off: none)")
+    p.add_argument("--per-vm-metrics", action="store_true",
+                   help="run: VM datapath counters per VM (labels namespace, pod)")
+    p.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
+                   help="run: apply everything again this often (idempotent; repairs drift)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_node)
 
     return parser
 
