@@ -160,7 +160,6 @@ class Reconciler:
     def reconcile(self, desired: DesiredState, resync: bool = False) -> PassResult:
         start = self.clock()
         result = PassResult()
-        self.passes += 1
         invalid = {uid: ep for uid, ep in desired.items() if ep.error}
         for uid, ep in invalid.items():
             if uid not in self.invalid or self.invalid[uid].error != ep.error:
@@ -175,6 +174,7 @@ class Reconciler:
                     and k not in self.vms]:
             del self.failures[key]
         result.duration = self.clock() - start
+        self.passes += 1  # after the pass: /readyz means "a pass has completed"
         return result
 
     def _bypass(self, desired: DesiredState, invalid: DesiredState, resync: bool,
