@@ -41,6 +41,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = (tmp / "dist").glob("netaccel-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "node_helper/bpf/sockmap.c" in names and "node_helper/bpf/netaccel_abi.h" in names
+    assert "node_helper/vm/api.py" in names and "node_helper/agent.py" in names
     assert not [n for n in names if n.startswith("lab/")], "the lab must not ship"
     venv = tmp / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],
