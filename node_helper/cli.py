@@ -118,8 +118,11 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
 def _kubernetes(args: argparse.Namespace) -> tuple[Any, Any] | None:
     """The Kubernetes source and the netns resolver, or None when this build has none."""
+    import importlib
+
     try:
-        from node_helper import netns_discovery, source_kubernetes
+        source_kubernetes = importlib.import_module("node_helper.source_kubernetes")
+        netns_discovery = importlib.import_module("node_helper.netns_discovery")
     except ModuleNotFoundError as exc:
         if exc.name in ("node_helper.source_kubernetes", "node_helper.netns_discovery"):
             return None
