@@ -14,6 +14,7 @@ PACKAGE_DIRS = {
     "hook_sidecar": "hook_sidecar",
     "hook_sidecar.proto": "hook_sidecar/proto",
     "node_helper": "node_helper",
+    "node_helper.vm": "node_helper/vm",
     "node_helper.bpf": "bpf",
 }
 present = {name: folder for name, folder in PACKAGE_DIRS.items() if (HERE / folder).is_dir()}

@@ -3,6 +3,8 @@
     netaccel doctor [--json]
     netaccel bypass on --cidr CIDR [--cidr CIDR ...] | off | status [--json] | guard
     netaccel vm accelerate|restore|status --netns NS [--interface IF] ...
+    netaccel node run [--static FILE] [--kubernetes] [--node-name N] [--metrics-bind H:P]
+    netaccel node status [--json] | cleanup [--json]
 
 Exit codes: see node_helper.exitcodes (0 ok, 1 failed, 2 bad input, 3 missing feature).
 The lab (testbed, benchmarks) has its own command, netaccel-lab.
@@ -13,8 +15,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from node_helper import exitcodes
@@ -131,6 +137,89 @@ def cmd_vm(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+# --- node ----------------------------------------------------------------------
+
+def _kubernetes(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The Kubernetes source and the netns resolver (in-cluster credentials, else a
+    kubeconfig: --kubeconfig or $KUBECONFIG)."""
+    from kubernetes import client, config
+
+    from node_helper import netns_discovery
+    from node_helper.source_kubernetes import KubernetesSource
+
+    node_name = args.node_name or os.environ.get("NODE_NAME")
+    if not node_name:
+        raise ValueError("--kubernetes needs the node's name: --node-name or NODE_NAME "
+                         "(the DaemonSet sets it from spec.nodeName)")
+    try:
+        if args.kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_kube_config(config_file=args.kubeconfig)
+        else:
+            config.load_incluster_config()
+    except config.ConfigException as exc:
+        raise ValueError(f"no Kubernetes credentials ({exc}): run in the cluster (the "
+                         "DaemonSet's service account) or pass --kubeconfig FILE") from None
+    kubelet_root = Path(args.kubelet_root)
+
+    def find_netns(ep: Any) -> str:
+        return netns_discovery.find_netns(ep.uid, ep.ips, kubelet_root=kubelet_root)
+
+    return KubernetesSource(node_name, client.ApiClient()), find_netns
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    from node_helper import agent, metrics
+    from node_helper.reconcile import netns_from_endpoint
+    from node_helper.source_static import StaticSource
+
+    agent.setup_logging()
+    sources: list[Any] = []
+    resolve = netns_from_endpoint
+    if args.static:
+        sources.append(StaticSource(args.static))
+    if args.kubernetes:
+        source, find_netns = _kubernetes(args)
+        sources.append(source)
+
+        def resolve(ep: Any) -> str:  # the source's own netns first (static entries)
+            return ep.netns or find_netns(ep)
+    if not sources:
+        raise ValueError("node run needs a source of desired state: --static FILE and/or "
+                         "--kubernetes")
+    bind = None if args.metrics_bind in ("", "off") else metrics.parse_bind(args.metrics_bind)
+    daemon = agent.Agent(sources, resolve=resolve, metrics_bind=bind,
+                         per_vm_metrics=args.per_vm_metrics, resync_interval=args.resync)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()  # SIGTERM (rolling update) and SIGINT: leave everything in place
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.run(stop)
+    return exitcodes.OK
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from node_helper import node
+
+    if args.action == "run":
+        return cmd_node_run(args)
+    if args.action == "cleanup":
+        done = node.cleanup()
+        if args.json:
+            print_json(done)
+        else:
+            print(f"bypass: {'removed' if done['bypass_was_enabled'] else 'was off'}; "
+                  f"VM datapaths restored: {len(done['vms_restored'])}; pins removed: "
+                  f"{len(done['pins_removed'])}", file=sys.stderr)
+            for err in done["errors"]:
+                print(f"error: {json.dumps(err)}", file=sys.stderr)
+        return exitcodes.OK if done["ok"] else exitcodes.FAILED
+    show(node.status(), args.json)
+    return exitcodes.OK
+
+
 # --- parser --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "off costs TCP >= 4 KiB about a quarter of its throughput)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vm)
+
+    p = sub.add_parser("node", help="the node agent: run it, see and remove what it installed")
+    p.add_argument("action", choices=["run", "status", "cleanup"])
+    p.add_argument("--static", metavar="FILE",
+                   help="run: desired state from a YAML file (node_helper.source_static)")
+    p.add_argument("--kubernetes", action="store_true",
+                   help="run: desired state from the API server (pods/VMIs of this node)")
+    p.add_argument("--node-name", help="run --kubernetes: this node (default $NODE_NAME)")
+    p.add_argument("--kubeconfig", metavar="FILE",
+                   help="run --kubernetes: credentials outside a cluster (default: in-cluster "
+                   "service account, else $KUBECONFIG)")
+    p.add_argument("--kubelet-root", default="/var/lib/kubelet", metavar="DIR",
+                   help="run --kubernetes: kubelet's root, for virt-launcher command sockets")
+    p.add_argument("--metrics-bind", default="127.0.0.1:9464", metavar="HOST:PORT",
+                   help="run: /metrics /healthz /readyz (default 127.0.0.1:9464; port 0: any "
+                   "free port, logged; off: none)")
+    p.add_argument("--per-vm-metrics", action="store_true",
+                   help="run: VM datapath counters per VM (labels namespace, pod)")
+    p.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
+                   help="run: apply everything again this often (idempotent; repairs drift)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_node)
 
     return parser
 

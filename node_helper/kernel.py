@@ -38,7 +38,17 @@ def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
     """Return the mount point of the cgroup v2 hierarchy, read from mountinfo.
 
     On hybrid hosts this is /sys/fs/cgroup/unified, on unified hosts /sys/fs/cgroup.
+    NETACCEL_CGROUP_ROOT overrides it: in a container with its own cgroup namespace the
+    cgroup2 mount at "/" is the container's cgroup, not the node's; the DaemonSet mounts the
+    host's /sys/fs/cgroup elsewhere and names it here.
     """
+    override = os.environ.get("NETACCEL_CGROUP_ROOT")
+    if override:  # a container: the host's cgroup2 root, bind-mounted (see deploy/)
+        path = Path(override)
+        if not path.is_dir():
+            raise KernelFeatureError(f"NETACCEL_CGROUP_ROOT={override} is not a directory: "
+                                     "mount the host's cgroup v2 root there")
+        return path
     roots = [point for root, point, fstype in mounts(mountinfo)
              if fstype == "cgroup2" and root == "/"]
     if not roots:
@@ -86,15 +96,30 @@ def _is_bpffs(path: Path) -> bool:
     return any(point == path and fstype == "bpf" for _, point, fstype in mounts())
 
 
+def netns_path(netns: str) -> Path:
+    """Where a network namespace is: a name under NETNS_DIR ("na1-vm0", what `ip netns`
+    makes) or an absolute path to an nsfs file ("/proc/<pid>/ns/net", a CRI's
+    "/var/run/netns/cni-..."). ValueError for anything else (a relative path)."""
+    if not netns:
+        raise ValueError("empty network namespace name")
+    if netns.startswith("/"):
+        return Path(netns)
+    if "/" in netns or netns in (".", ".."):
+        raise ValueError(f"network namespace {netns!r}: give a name under {NETNS_DIR} "
+                         "or an absolute path")
+    return NETNS_DIR / netns
+
+
 @contextlib.contextmanager
 def in_netns(name: str) -> Iterator[None]:
-    """Run the body with the calling thread inside the named network namespace.
+    """Run the body with the calling thread inside a network namespace (a name under
+    NETNS_DIR or an absolute nsfs path, see netns_path).
 
     Sockets created in the body stay in that namespace after it ends. Only this
     thread moves: the network namespace is per task.
     """
     libc = ctypes.CDLL(None, use_errno=True)
-    target = NETNS_DIR / name
+    target = netns_path(name)
     if not target.exists():
         raise FileNotFoundError(f"network namespace {name!r} does not exist ({target})")
     with open("/proc/thread-self/ns/net", "rb") as home, open(target, "rb") as there:
@@ -113,7 +138,7 @@ def netns_argv(name: str, argv: list[str] | tuple[str, ...]) -> list[str]:
     Not a preexec_fn with setns: Python code between fork and exec aborts in processes that
     have loaded grpc (its fork handlers), and without a preexec_fn subprocess can vfork.
     """
-    target = NETNS_DIR / name
+    target = netns_path(name)
     if not target.exists():
         raise FileNotFoundError(f"network namespace {name!r} does not exist ({target})")
     return ["nsenter", f"--net={target}", "--", *argv]

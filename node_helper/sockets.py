@@ -42,6 +42,7 @@ from node_helper.bpf_syscall import (  # noqa: F401 - re-exported for tests and 
     closing,
     map_create,
     map_delete,
+    map_info,
     map_keys,
     map_lookup,
     map_pop,
@@ -117,11 +118,12 @@ _MOUNTINFO = Path("/proc/self/mountinfo")  # tests point this at a fake one
 
 # --- the accelerated set ------------------------------------------------------------------
 
-def parse_cidrs(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+def parse_cidrs(cidrs: Sequence[str], allow_empty: bool = False,
+                ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """Validate CIDRs (host bits must be zero); ValueError names the offending string."""
     if isinstance(cidrs, str):
         raise ValueError(f"cidrs must be a list of strings, not the string {cidrs!r}")
-    if not cidrs:
+    if not cidrs and not allow_empty:
         raise ValueError("the accelerated set is empty: give at least one CIDR")
     nets = []
     for text in cidrs:
@@ -233,7 +235,7 @@ def _cgroup_fd() -> Iterator[tuple[Path, int]]:
 # --- the public API -----------------------------------------------------------------------
 
 def enable(cidrs: Sequence[str], node_mem_limit_pages: int | None = None,
-           rcv_floor_bytes: int | None = None) -> dict[str, Any]:
+           rcv_floor_bytes: int | None = None, allow_empty: bool = False) -> dict[str, Any]:
     """Bypass TCP between sockets whose two ends are both in `cidrs`; return status().
 
     Only connections established from now on are bypassed. Already enabled: replace the
@@ -243,8 +245,10 @@ def enable(cidrs: Sequence[str], node_mem_limit_pages: int | None = None,
 
     Flow control: node_mem_limit_pages (default: half of net.ipv4.tcp_mem[0]) and
     rcv_floor_bytes (default DEFAULT_RCV_FLOOR_BYTES); each enable sets both.
+    `allow_empty`: an empty set is allowed (the agent keeps the programs attached, and their
+    counters, while no pod opts in; no new socket is bypassed then).
     """
-    nets = parse_cidrs(cidrs)
+    nets = parse_cidrs(cidrs, allow_empty)
     config = flow_config(node_mem_limit_pages, rcv_floor_bytes)
     with kernel.locked("bypass"), _cgroup_fd() as (cg, cgfd):
         kernel.ensure_bpffs()
@@ -316,6 +320,7 @@ def status() -> dict[str, Any]:
             result.update(_read_counters(fd))
         with closing(obj_get(PIN_DIR / "map_socks")) as fd:
             result["sockets"] = sum(1 for _ in map_keys(fd, SOCK_KEY.size))
+            result["sockets_max"] = map_info(fd)[3]
         with closing(obj_get(PIN_DIR / "map_accel")) as fd:
             result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY.size))
         result.update(_read_config())

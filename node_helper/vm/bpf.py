@@ -266,6 +266,22 @@ def forget(cookie: int, devs: Iterable[Link]) -> None:
         unpin_all()
 
 
+def forget_netns(cookie: int) -> int:
+    """Delete every entry of the netns `cookie` (a launcher netns that is gone, taking its
+    filters with it); unpin everything when no device is left. Returns how many went."""
+    gone = 0
+    with _map(CONFIG) as cfg, _map(COUNTERS) as cnt:
+        for dev_id, (owner, _ifindex) in entries().items():
+            if owner == cookie:
+                for fd in (cnt, cfg):
+                    if fd is not None:
+                        bpf_syscall.map_delete(fd, dev_key(dev_id))
+                gone += 1
+    if pinned() and not entries():
+        unpin_all()
+    return gone
+
+
 def _unpin(*paths: Path) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):

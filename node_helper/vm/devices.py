@@ -14,7 +14,7 @@ from pyroute2 import NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
 from node_helper import tc_netlink as tc
-from node_helper.kernel import NETNS_DIR
+from node_helper.kernel import netns_path
 
 _MULTUS_HASHED = re.compile(r"^pod([0-9a-f]{11})$")
 
@@ -178,11 +178,16 @@ def redirect_peer_possible(ns: NetNS, dev: Link) -> bool:
 
 @contextlib.contextmanager
 def open_netns(netns: str) -> Iterator[NetNS]:
-    """A pyroute2 NetNS of an existing namespace whose filter messages decode with tc.TcMsg."""
-    if not netns or "/" in netns or not (NETNS_DIR / netns).exists():
-        raise VmShapeError(f"network namespace {netns!r} does not exist ({NETNS_DIR})")
+    """A pyroute2 NetNS of an existing namespace (a name under /var/run/netns or an absolute
+    path such as /proc/<pid>/ns/net) whose filter messages decode with tc.TcMsg."""
     try:
-        ns = NetNS(netns, flags=0)  # never create it (pyroute2's default is O_CREAT)
+        path = netns_path(netns)
+    except ValueError as exc:
+        raise VmShapeError(str(exc)) from None
+    if not path.exists():
+        raise VmShapeError(f"network namespace {netns!r} does not exist ({path})")
+    try:
+        ns = NetNS(str(path), flags=0)  # never create it (pyroute2's default is O_CREAT)
     except (OSError, NetlinkError) as exc:
         raise VmShapeError(f"cannot open network namespace {netns!r}: {exc}") from exc
     try:

@@ -27,7 +27,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bin/ of a fresh venv holding the wheel built from the tree as git sees it."""
     tmp = tmp_path_factory.mktemp("wheel")
     # `git stash create` snapshots tracked changes without touching the tree (HEAD if none).
-    rev = _run(["git", "stash", "create"], cwd=REPO).stdout.strip() or "HEAD"
+    snap = _run(["git", "stash", "create"], cwd=REPO)
+    assert snap.returncode == 0, f"git cannot snapshot the tree: {snap.stderr or snap.stdout}"
+    rev = snap.stdout.strip() or "HEAD"
     archive = tmp / "src.tar"
     subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), rev], cwd=REPO,
                    check=True)
@@ -41,6 +43,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = (tmp / "dist").glob("netaccel-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "node_helper/bpf/sockmap.c" in names and "node_helper/bpf/netaccel_abi.h" in names
+    assert "node_helper/vm/api.py" in names and "node_helper/agent.py" in names
     assert not [n for n in names if n.startswith("lab/")], "the lab must not ship"
     venv = tmp / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],

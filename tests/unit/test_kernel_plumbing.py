@@ -60,3 +60,21 @@ def test_instance_scopes_pins_and_locks(monkeypatch: pytest.MonkeyPatch) -> None
     assert kernel.lock_file("vm") == Path("/run/t1a2b-vm.lock")
     monkeypatch.delenv("NETACCEL_INSTANCE")
     assert kernel.pin_dir("bypass") == Path("/sys/fs/bpf/netaccel/bypass")
+
+
+def test_netns_path_takes_a_name_or_an_absolute_path() -> None:
+    assert kernel.netns_path("na1-vm0") == kernel.NETNS_DIR / "na1-vm0"
+    assert kernel.netns_path("/proc/42/ns/net") == Path("/proc/42/ns/net")
+    for bad in ("", "proc/42/ns/net", "..", "."):
+        with pytest.raises(ValueError):
+            kernel.netns_path(bad)
+
+
+def test_cgroup_root_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(UNIFIED)
+    monkeypatch.setenv("NETACCEL_CGROUP_ROOT", str(tmp_path))
+    assert kernel.cgroup2_root(mountinfo) == tmp_path
+    monkeypatch.setenv("NETACCEL_CGROUP_ROOT", str(tmp_path / "missing"))
+    with pytest.raises(kernel.KernelFeatureError, match="NETACCEL_CGROUP_ROOT"):
+        kernel.cgroup2_root(mountinfo)

@@ -1,0 +1,368 @@
+"""Desired vs actual, keyed by pod UID: what the agent does with each snapshot.
+
+Socket bypass (one node-wide set): the accelerated set is the host routes of every pod that
+opted in (desired.bypass_cidrs over the valid endpoints), plus, for an endpoint with an
+`error`, whichever of its addresses are already in the set (left untouched). A non-empty set
+is applied with sockets.enable, which replaces the set in place when the programs are
+attached (same program ids, established bypassed connections keep going). When the set
+becomes empty the programs STAY attached with an empty set: nothing new is bypassed, the
+sock_ops program costs one trie lookup per established TCP socket, the counters keep rising
+monotonically for Prometheus, and the next opt-in needs no compile (seconds with bcc). The
+programs are only attached in the first place when some pod wants them; `netaccel node
+cleanup` removes everything.
+
+VM datapath (per launcher pod): accelerate(netns, interface, datapath, checksum) with the
+endpoint's VmSettings; what was applied is remembered per UID (netns as resolved, its nsfs
+inode, its netns cookie, the settings). When the endpoint disappears or opts out exactly
+that is restored; if its netns is gone (the pod was deleted, its filters went with it) or
+its path now names another namespace (a reused /proc/<pid>), only the bpf datapath's map
+entries of its cookie are dropped. A changed netns or interface restores the old one first.
+
+Failures: each endpoint (and the bypass) fails alone and is retried with exponential backoff
+(1 s doubling to BACKOFF_CAP); the others proceed. Endpoints with an `error` are reported
+and left as they are. Every operation is idempotent, so a resync (every endpoint applied
+again, periodically) repairs drift and costs nothing when nothing drifted.
+
+Restart: the first pass adopts what is installed (sockets.enable keeps attached programs
+and their pins, accelerate leaves filters in place when they already say the same), so
+nothing flaps. After the first pass on a complete snapshot, `sweep` restores the VM
+datapaths installed in namespaces no endpoint claims (pods removed while no agent ran).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from node_helper.desired import DesiredState, Endpoint, VmSettings, bypass_cidrs
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 30.0
+BYPASS_KEY = "<bypass>"
+log = logging.getLogger("netaccel.reconcile")
+
+NetnsId = tuple[int, int]
+Resolver = Callable[[Endpoint], str]
+
+
+class NetnsUnknown(LookupError):
+    """The endpoint's network namespace cannot be found (yet)."""
+
+
+def netns_from_endpoint(ep: Endpoint) -> str:
+    """The default resolver: the netns the source gave (static file, lab)."""
+    if not ep.netns:
+        raise NetnsUnknown(f"{ep.ident}: the source gives no netns for this pod")
+    return ep.netns
+
+
+class Datapaths(Protocol):
+    """What the reconciler needs from the kernel (KernelDatapaths; a fake in unit tests)."""
+
+    def bypass_state(self) -> tuple[bool, set[str]]: ...
+    def bypass_apply(self, cidrs: list[str]) -> tuple[bool, set[str]]: ...
+    def netns_id(self, netns: str) -> NetnsId | None: ...
+    def netns_cookie(self, netns: str) -> int | None: ...
+    def vm_accelerate(self, netns: str, settings: VmSettings) -> dict[str, Any]: ...
+    def vm_restore(self, netns: str, interface: str) -> None: ...
+    def vm_forget(self, cookie: int) -> None: ...
+    def vm_installed(self) -> list[tuple[str, NetnsId]]: ...
+
+
+@dataclass(frozen=True)
+class AppliedVm:
+    """What was applied for one launcher pod."""
+
+    ident: str
+    requested: str | None  # Endpoint.netns when applied (a change re-resolves)
+    netns: str  # as resolved
+    netns_id: NetnsId | None
+    cookie: int | None
+    settings: VmSettings
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ident": self.ident, "netns": self.netns, "datapath": self.settings.datapath,
+                "checksum": self.settings.checksum, "interface": self.settings.interface}
+
+
+@dataclass
+class Failure:
+    op: str
+    ident: str
+    error: str
+    attempts: int = 0
+    next_try: float = 0.0
+
+
+@dataclass
+class PassResult:
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # this pass's failures
+    duration: float = 0.0
+
+
+class Reconciler:
+    def __init__(self, datapaths: Datapaths, resolve: Resolver = netns_from_endpoint,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_error: Callable[[str], None] = lambda op: None,
+                 backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP):
+        self.dp = datapaths
+        self.resolve = resolve
+        self.clock = clock
+        self.on_error = on_error
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.vms: dict[str, AppliedVm] = {}
+        self.failures: dict[str, Failure] = {}
+        self.invalid: dict[str, Endpoint] = {}
+        self.bypass_attached, self.bypass_set = False, set[str]()
+        self.bypass_wanted: set[str] = set()
+        self.passes = 0
+
+    # --- bookkeeping ---------------------------------------------------------------
+    def adopt(self) -> None:
+        """Learn what the kernel holds of the bypass (programs attached, the set)."""
+        self.bypass_attached, self.bypass_set = self.dp.bypass_state()
+        log.info("adopted", extra={"fields": {"event": "adopt", "bypass": self.bypass_attached,
+                                              "cidrs": sorted(self.bypass_set)}})
+
+    def _due(self, key: str) -> bool:
+        f = self.failures.get(key)
+        return f is None or self.clock() >= f.next_try
+
+    def _fail(self, key: str, op: str, ident: str, exc: BaseException,
+              result: PassResult) -> None:
+        f = self.failures.get(key)
+        if f is None or f.op != op:
+            f = self.failures[key] = Failure(op, ident, "")
+        f.attempts += 1
+        f.error = f"{type(exc).__name__}: {exc}"
+        delay = min(self.backoff_cap, self.backoff_base * 2 ** (f.attempts - 1))
+        f.next_try = self.clock() + delay
+        row = {"key": key, "op": op, "ident": ident, "error": f.error, "attempts": f.attempts,
+               "retry_in": delay}
+        result.errors.append(row)
+        self.on_error(op)
+        log.error(f"{op} failed", extra={"fields": {"event": "reconcile_error", **row}})
+
+    def _ok(self, key: str, change: dict[str, Any], result: PassResult) -> None:
+        self.failures.pop(key, None)
+        result.changes.append(change)
+        log.info(change["event"], extra={"fields": change})
+
+    def next_retry(self) -> float | None:
+        """When the earliest failed operation is due again (clock time), None if none."""
+        return min((f.next_try for f in self.failures.values()), default=None)
+
+    # --- the pass ------------------------------------------------------------------
+    def reconcile(self, desired: DesiredState, resync: bool = False) -> PassResult:
+        start = self.clock()
+        result = PassResult()
+        invalid = {uid: ep for uid, ep in desired.items() if ep.error}
+        for uid, ep in invalid.items():
+            if uid not in self.invalid or self.invalid[uid].error != ep.error:
+                log.warning("invalid endpoint left untouched", extra={"fields": {
+                    "event": "endpoint_invalid", "uid": uid, "ident": ep.ident,
+                    "error": ep.error}})
+        self.invalid = invalid
+        self._bypass(desired, invalid, resync, result)
+        self._vm(desired, invalid, resync, result)
+        # forget failures of endpoints nobody wants any more
+        for key in [k for k in self.failures if k != BYPASS_KEY and k not in desired
+                    and k not in self.vms]:
+            del self.failures[key]
+        result.duration = self.clock() - start
+        self.passes += 1  # after the pass: /readyz means "a pass has completed"
+        return result
+
+    def _bypass(self, desired: DesiredState, invalid: DesiredState, resync: bool,
+                result: PassResult) -> None:
+        want = set(bypass_cidrs({u: e for u, e in desired.items() if u not in invalid}))
+        for uid, ep in invalid.items():  # untouched: keep what of it is in the set
+            want |= set(bypass_cidrs({uid: replace(ep, bypass=True, error=None)})) \
+                & self.bypass_set
+        self.bypass_wanted = want
+        if not want and not self.bypass_attached:
+            self.failures.pop(BYPASS_KEY, None)
+            return
+        pending = BYPASS_KEY in self.failures
+        if not (resync or pending or want != self.bypass_set or
+                (want and not self.bypass_attached)):
+            return
+        if not self._due(BYPASS_KEY):
+            return
+        try:
+            self.bypass_attached, self.bypass_set = self.dp.bypass_apply(sorted(want))
+        except Exception as exc:  # noqa: BLE001 - reported, retried; traffic stays as it is
+            self._fail(BYPASS_KEY, "bypass", "socket bypass", exc, result)
+            return
+        self._ok(BYPASS_KEY, {"event": "bypass_applied", "cidrs": sorted(want),
+                              "attached": self.bypass_attached}, result)
+
+    def _vm(self, desired: DesiredState, invalid: DesiredState, resync: bool,
+            result: PassResult) -> None:
+        wanted = {uid: ep for uid, ep in desired.items() if ep.vm and uid not in invalid}
+        for uid, applied in list(self.vms.items()):
+            if uid in invalid or uid in wanted or not self._due(uid):
+                continue
+            try:
+                self._restore(applied)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(uid, "vm_restore", applied.ident, exc, result)
+                continue
+            del self.vms[uid]
+            self._ok(uid, {"event": "vm_restored", "uid": uid, **applied.as_dict()}, result)
+        for uid, ep in wanted.items():
+            assert ep.vm is not None
+            applied = self.vms.get(uid)
+            same = (applied is not None and applied.settings == ep.vm
+                    and applied.requested == ep.netns)
+            if (same and not resync and uid not in self.failures) or not self._due(uid):
+                continue
+            try:
+                self._accelerate(uid, ep, applied, result)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(uid, "vm_accelerate", ep.ident, exc, result)
+
+    def _accelerate(self, uid: str, ep: Endpoint, applied: AppliedVm | None,
+                    result: PassResult) -> None:
+        assert ep.vm is not None
+        netns = self.resolve(ep)
+        ident = self.dp.netns_id(netns)
+        if ident is None:
+            raise NetnsUnknown(f"network namespace {netns} does not exist")
+        if applied is not None and (applied.netns_id != ident or
+                                    applied.settings.interface != ep.vm.interface):
+            self._restore(applied)  # another namespace or interface: undo the old first
+            del self.vms[uid]
+        self.dp.vm_accelerate(netns, ep.vm)
+        new = AppliedVm(ep.ident, ep.netns, netns, ident, self.dp.netns_cookie(netns), ep.vm)
+        self.vms[uid] = new
+        if new != applied or uid in self.failures:
+            self._ok(uid, {"event": "vm_accelerated", "uid": uid, **new.as_dict()}, result)
+        else:
+            self.failures.pop(uid, None)
+
+    def _restore(self, applied: AppliedVm) -> None:
+        if applied.netns_id is not None and self.dp.netns_id(applied.netns) == applied.netns_id:
+            self.dp.vm_restore(applied.netns, applied.settings.interface)
+        elif applied.cookie is not None:
+            self.dp.vm_forget(applied.cookie)  # its namespace is gone, its filters with it
+
+    # --- adoption of what no endpoint claims ---------------------------------------
+    def sweep(self, desired: DesiredState) -> list[str]:
+        """Restore VM datapaths installed in namespaces no endpoint claims; return them.
+
+        Claimed: every applied VM's namespace, and whatever the resolver finds for the
+        endpoints that want a VM but failed, or that are invalid (left untouched)."""
+        keep = {a.netns_id for a in self.vms.values()}
+        for uid, ep in desired.items():
+            if uid in self.vms or not (ep.vm or ep.error):
+                continue
+            try:
+                keep.add(self.dp.netns_id(self.resolve(ep)))
+            except Exception:  # noqa: BLE001, S112 - unresolvable: it claims nothing
+                continue
+        restored = []
+        for netns, ident in self.dp.vm_installed():
+            if ident in keep:
+                continue
+            try:
+                self.dp.vm_restore(netns, "eth0")
+            except Exception as exc:  # noqa: BLE001
+                self.on_error("vm_restore")
+                log.error("restoring an unclaimed VM datapath failed", extra={"fields": {
+                    "event": "reconcile_error", "op": "sweep", "netns": netns,
+                    "error": f"{type(exc).__name__}: {exc}"}})
+                continue
+            restored.append(netns)
+            log.info("restored an unclaimed VM datapath", extra={"fields": {
+                "event": "vm_restored", "netns": netns, "reason": "no endpoint claims it"}})
+        return restored
+
+    # --- reporting -------------------------------------------------------------------
+    def report(self, desired: DesiredState) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "bypass": {"attached": self.bypass_attached, "cidrs": sorted(self.bypass_set),
+                       "wanted": sorted(self.bypass_wanted),
+                       "pods": sorted(ep.ident for ep in desired.values()
+                                      if ep.bypass and not ep.error)},
+            "vms": {uid: a.as_dict() for uid, a in sorted(self.vms.items())},
+            "invalid": {uid: {"ident": ep.ident, "error": ep.error}
+                        for uid, ep in sorted(self.invalid.items())},
+            "failures": {k: {"op": f.op, "ident": f.ident, "error": f.error,
+                             "attempts": f.attempts,
+                             "retry_in": round(max(0.0, f.next_try - now), 3)}
+                         for k, f in sorted(self.failures.items())},
+        }
+
+
+class KernelDatapaths:
+    """The real datapaths: node_helper.sockets and node_helper.vm (with a tap classifier)."""
+
+    def __init__(self, is_tap: Callable[..., bool] | None = None):
+        from node_helper.vm import is_real_tap
+
+        self.is_tap = is_tap or is_real_tap
+
+    def bypass_state(self) -> tuple[bool, set[str]]:
+        from node_helper import sockets
+
+        st = sockets.status()
+        return bool(st["enabled"]), set(st["cidrs"]) if st["enabled"] else set()
+
+    def bypass_apply(self, cidrs: list[str]) -> tuple[bool, set[str]]:
+        from node_helper import sockets
+
+        st = sockets.enable(cidrs, allow_empty=True)
+        return bool(st["enabled"]), set(st["cidrs"])
+
+    def netns_id(self, netns: str) -> NetnsId | None:
+        from node_helper import inventory, kernel
+
+        try:
+            return inventory.netns_id(kernel.netns_path(netns))
+        except (OSError, ValueError):
+            return None
+
+    def netns_cookie(self, netns: str) -> int | None:
+        from node_helper.vm import bpf
+
+        try:
+            return bpf.netns_cookie(netns)
+        except OSError:
+            return None
+
+    def vm_accelerate(self, netns: str, settings: VmSettings) -> dict[str, Any]:
+        from node_helper import vm
+
+        return vm.accelerate(netns, settings.interface, datapath=settings.datapath,
+                             checksum=settings.checksum, is_tap=self.is_tap)
+
+    def vm_restore(self, netns: str, interface: str) -> None:
+        from node_helper import vm
+
+        vm.restore(netns, interface, is_tap=self.is_tap)
+
+    def vm_forget(self, cookie: int) -> None:
+        from node_helper import kernel
+        from node_helper.vm import bpf
+
+        with kernel.locked("vm"):
+            if bpf.pinned():
+                bpf.forget_netns(cookie)
+
+    def vm_installed(self) -> list[tuple[str, NetnsId]]:
+        from node_helper import inventory
+
+        return [(v.netns, v.ident) for v in inventory.vm_installed()]
+
+
+def summarize(desired: Iterable[Endpoint]) -> dict[str, int]:
+    eps = list(desired)
+    return {"endpoints": len(eps), "bypass": sum(1 for e in eps if e.bypass and not e.error),
+            "vm": sum(1 for e in eps if e.vm and not e.error),
+            "invalid": sum(1 for e in eps if e.error)}
