@@ -3,7 +3,8 @@
 //
 //   uring recv FD     IORING_OP_RECV until end of file; the bytes go to stdout
 //   uring send FD     stdin, to end of file, through IORING_OP_SEND
-//   uring splice FD   IORING_OP_SPLICE socket -> pipe (then read(2) pipe -> stdout) until EOF
+//   uring splice FD [N]  IORING_OP_SPLICE socket -> pipe (then read(2) pipe -> stdout) until
+//                     end of file or, given N, until N bytes; then it answers "ok" (write(2))
 //
 // Exit 0 at end of file (recv, splice) or when all is sent; on an error from the ring it
 // prints "error <errno>" on stderr and exits 3.
@@ -58,8 +59,8 @@ static void write_all(int fd, const char *p, size_t n) {
 
 int main(int argc, char **argv) {
 	static char buf[CHUNK];
-	if (argc != 3) {
-		fprintf(stderr, "usage: uring recv|send|splice FD\n");
+	if (argc != 3 && argc != 4) {
+		fprintf(stderr, "usage: uring recv|send|splice FD [N]\n");
 		return 2;
 	}
 	int fd = atoi(argv[2]);
@@ -103,13 +104,22 @@ int main(int argc, char **argv) {
 			return 4;
 		}
 		fcntl(p[1], F_SETPIPE_SZ, CHUNK);
+		long want = argc == 4 ? atol(argv[3]) : -1, got = 0;
 		for (;;) {
-			io_uring_prep_splice(io_uring_get_sqe(&ring), fd, -1, p[1], -1, CHUNK, 0);
+			if (want >= 0 && got == want) {
+				if (write(fd, "ok", 2) != 2)
+					perror("write ok");
+				return 0;
+			}
+			unsigned int n = want >= 0 && want - got < CHUNK ? (unsigned int)(want - got)
+									  : CHUNK;
+			io_uring_prep_splice(io_uring_get_sqe(&ring), fd, -1, p[1], -1, n, 0);
 			int res = submit_wait();
 			if (res < 0)
 				fail(res);
 			if (res == 0)
 				return 0;
+			got += res;
 			for (int left = res; left;) {
 				ssize_t n = read(p[0], buf, (size_t)left);
 				if (n <= 0) {
