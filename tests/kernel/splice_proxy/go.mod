@@ -1,3 +1,3 @@
 module netaccel.test/splice_proxy
 
-go 1.21
+go 1.19
