@@ -1,0 +1,3 @@
+module netaccel.test/splice_proxy
+
+go 1.19
