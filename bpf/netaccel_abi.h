@@ -44,10 +44,11 @@ struct bypass_counters {
 	__u64 no_state;            /* sk_msg ran on a socket without state: passed */
 	__u64 fallback_dirs_splice;    /* directions moved to TCP: their receiver splices */
 	__u64 skipped_no_bypass;   /* established sockets of a no-bypass workload */
-	__u64 splice_seen;         /* splice/sendfile reads from a bypassed socket */
+	__u64 splice_seen;         /* splice/sendfile/MSG_WAITALL reads of a bypassed socket */
 	__u64 splice_safe;         /* ... with nothing queued or in flight: sender switched */
 	__u64 splice_doomed;       /* ... with bytes queued or in flight: reset by user space */
 	__u64 doomed_drops;        /* sender messages refused on a doomed connection */
+	__u64 waitall_short;       /* MSG_WAITALL reads the queue could not fill: early return */
 };
 
 /* The loader's settings for the bypass's flow control (one array slot, netaccel_cfg). */

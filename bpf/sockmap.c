@@ -127,8 +127,9 @@
  * sees the TCP receive queue, never the psock queue the redirected bytes wait on (why, and
  * what else was tried: docs/bypass-kernel.md).  A reader that splices a bypassed socket would
  * hang or see a short stream.  The guard:
- *  8. Two tracepoint programs (syscalls:sys_enter_splice on fd_in, sys_enter_sendfile64 on
- *     in_fd) resolve the fd to its struct sock (fault-safe reads, offsets from BTF) and find
+ *  8. Tracepoint programs (syscalls:sys_enter_splice on fd_in, sys_enter_sendfile64 on
+ *     in_fd, and sys_enter_recvfrom/recvmsg with MSG_WAITALL, which tcp_bpf answers with
+ *     what is queued instead of waiting for all) resolve the fd to its struct sock (fault-safe reads, offsets from BTF) and find
  *     the socket's own netaccel_peers entry (its 4-tuple, and the same sock address).  They
  *     run before the kernel reads the socket.
  *  9. A handshake with the socket's only sender (Dekker's: each side writes its flag, then
@@ -138,6 +139,10 @@
  *     then reads `pending` and the socket's queued bytes (psock->msg_tot_len).
  *     - nothing queued and nothing pending: every byte the sender sends from now on takes
  *       TCP, which splice reads; nothing was redirected that splice cannot see.  Safe.
+ *       (MSG_WAITALL: also safe when the queue holds all the bytes asked for.  When it
+ *       holds fewer, that one read returns early with them, as tcp_bpf_recvmsg does and a
+ *       tracepoint cannot change; later reads come from TCP, in full.  No reset there:
+ *       the stream stays intact and callers that loop do not notice.)
  *     - otherwise bytes are (or may soon be) queued where splice cannot read them, and TCP
  *       bytes sent after them would overtake them: the connection cannot be saved.  The
  *       entry is marked `doomed`: the sender's further messages are refused (SK_DROP: its
@@ -174,6 +179,12 @@
 #endif
 #ifndef NA_PROG_SENDFILE
 #define NA_PROG_SENDFILE netaccel_sendf
+#endif
+#ifndef NA_PROG_RECVFROM
+#define NA_PROG_RECVFROM netaccel_rvf
+#endif
+#ifndef NA_PROG_RECVMSG
+#define NA_PROG_RECVMSG netaccel_rvm
 #endif
 
 #define NA_AF_INET 2
@@ -515,6 +526,11 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 		cnt->fallback_msgs++;
 		return SK_PASS;
 	}
+	/* After shutdown(SHUT_WR) or close the sender is past ESTABLISHED/CLOSE_WAIT: TCP
+	 * refuses its data with EPIPE, and a redirect would deliver it after the peer's end of
+	 * file.  Take the order-safe switch and let TCP answer. */
+	if (sk->state != BPF_TCP_ESTABLISHED && sk->state != BPF_TCP_CLOSE_WAIT)
+		return fall_back(st, cnt, FB_MISS);
 	cfg = netaccel_cfg.lookup(&zero);
 	if (!cfg || !pv)  /* the peer is not (or no longer) bypassed: a miss */
 		return fall_back(st, cnt, FB_MISS);
@@ -557,8 +573,11 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	return fall_back(st, cnt, FB_MISS);
 }
 
-/* Rules 8-10: a splice/sendfile read of file descriptor `fd` of the current task. */
-static __always_inline int guard_read(__u64 fd)
+/* Rules 8-10: a read of file descriptor `fd` of the current task that cannot be served from
+ * the redirect queue: splice/sendfile (want 0: it sees none of the queue), or recv with
+ * MSG_WAITALL of `want` bytes (tcp_bpf returns what is queued instead of waiting for all:
+ * only a queue of at least `want` bytes serves it). */
+static __always_inline int guard_read(__u64 fd, __u64 want)
 {
 	struct no_bypass_key learn = {};
 	struct splice_event ev = {};
@@ -620,8 +639,15 @@ static __always_inline int guard_read(__u64 fd)
 	ud = kread_u64(sk + NA_OFF_SK_USER_DATA, &rerr);
 	if (ud & NA_SK_USER_DATA_PSOCK)
 		queued = kread_u32((ud & NA_SK_USER_DATA_PTRMASK) + NA_OFF_PSOCK_MSG_TOT_LEN, &rerr);
-	if (!rerr && !pending && !queued) {
-		cnt->splice_safe++;
+	if (!rerr && ((want && queued >= want) || (!pending && !queued))) {
+		cnt->splice_safe++;  /* served in full; the sender's new data takes TCP */
+		return 0;
+	}
+	if (want) {
+		/* MSG_WAITALL: this read returns what is queued (tcp_bpf does not wait for all,
+		 * and a tracepoint cannot make it); every later read is served by TCP in full.
+		 * Nothing is lost or reordered: no reset. */
+		cnt->waitall_short++;
 		return 0;
 	}
 	pv->doomed = 1;
@@ -641,14 +667,52 @@ static __always_inline int guard_read(__u64 fd)
 	return 0;
 }
 
-/* syscalls:sys_enter_splice: fd_in is the first argument (offset 16 of the record). */
+/* The syscall tracepoints' records: the arguments are 8-byte fields from offset 16
+ * (/sys/kernel/tracing/events/syscalls/<name>/format). */
+#define SYSCALL_ARG(ctx, n) (*(__u64 *)((char *)(ctx) + 16 + 8 * (n)))
+#define NA_MSG_WAITALL 0x100
+#define NA_MAX_IOV 8  /* iovecs summed for recvmsg; more count as "any size" */
+
+/* syscalls:sys_enter_splice(fd_in, off_in, fd_out, ...) */
 int NA_PROG_SPLICE(void *ctx)
 {
-	return guard_read(*(__u64 *)((char *)ctx + 16));
+	return guard_read(SYSCALL_ARG(ctx, 0), 0);
 }
 
-/* syscalls:sys_enter_sendfile64: in_fd is the second argument (offset 24). */
+/* syscalls:sys_enter_sendfile64(out_fd, in_fd, ...) */
 int NA_PROG_SENDFILE(void *ctx)
 {
-	return guard_read(*(__u64 *)((char *)ctx + 24));
+	return guard_read(SYSCALL_ARG(ctx, 1), 0);
+}
+
+/* syscalls:sys_enter_recvfrom(fd, ubuf, size, flags, ...): runs for every recvfrom of the
+ * node, so the flag test comes first. */
+int NA_PROG_RECVFROM(void *ctx)
+{
+	if (!(SYSCALL_ARG(ctx, 3) & NA_MSG_WAITALL))
+		return 0;
+	return guard_read(SYSCALL_ARG(ctx, 0), SYSCALL_ARG(ctx, 2) ?: 1);
+}
+
+/* syscalls:sys_enter_recvmsg(fd, msg, flags): the wanted size is the sum of the iovecs of
+ * the user's struct msghdr (msg_iov at 16, msg_iovlen at 24 on 64-bit; user ABI). */
+int NA_PROG_RECVMSG(void *ctx)
+{
+	__u64 msg, iov, n, want = 0, len;
+	int i;
+
+	if (!(SYSCALL_ARG(ctx, 2) & NA_MSG_WAITALL))
+		return 0;
+	msg = SYSCALL_ARG(ctx, 1);
+	if (bpf_probe_read_user(&iov, 8, (void *)(msg + 16)) ||
+	    bpf_probe_read_user(&n, 8, (void *)(msg + 24)))
+		return 0;
+	if (n > NA_MAX_IOV)
+		return guard_read(SYSCALL_ARG(ctx, 0), ~0ULL);
+	for (i = 0; i < NA_MAX_IOV; i++) {
+		if (i >= n || bpf_probe_read_user(&len, 8, (void *)(iov + 16 * i + 8)))
+			break;
+		want += len;
+	}
+	return guard_read(SYSCALL_ARG(ctx, 0), want ?: 1);
 }

@@ -65,16 +65,21 @@ PROG_OPS_NAME = f"{kernel.instance()}_ops"
 PROG_MSG_NAME = f"{kernel.instance()}_msg"
 PROG_SPLICE_NAME = f"{kernel.instance()}_spl"  # the splice guard (sockmap.c, rules 8-10)
 PROG_SENDFILE_NAME = f"{kernel.instance()}_sfl"
+PROG_RECVFROM_NAME = f"{kernel.instance()}_rvf"  # MSG_WAITALL readers
+PROG_RECVMSG_NAME = f"{kernel.instance()}_rvm"
 # pin name -> bcc object name
 PINNED_PROGS = {"prog_ops": PROG_OPS_NAME, "prog_msg": PROG_MSG_NAME,
-                "prog_splice": PROG_SPLICE_NAME, "prog_sendfile": PROG_SENDFILE_NAME}
+                "prog_splice": PROG_SPLICE_NAME, "prog_sendfile": PROG_SENDFILE_NAME,
+                "prog_recvfrom": PROG_RECVFROM_NAME, "prog_recvmsg": PROG_RECVMSG_NAME}
 PINNED_MAPS = {"map_socks": "netaccel_socks", "map_accel": "netaccel_accel",
                "map_counters": "netaccel_cnt", "map_config": "netaccel_cfg",
                "map_nobypass": "netaccel_nobypass", "map_events": "netaccel_events"}
 # pin name of a tracepoint link -> (its program's pin, tracepoint): pinned links keep the
 # guard attached after this process exits, like the legacy attachments of the others.
 GUARD_LINKS = {"link_splice": ("prog_splice", "sys_enter_splice"),
-               "link_sendfile": ("prog_sendfile", "sys_enter_sendfile64")}
+               "link_sendfile": ("prog_sendfile", "sys_enter_sendfile64"),
+               "link_recvfrom": ("prog_recvfrom", "sys_enter_recvfrom"),
+               "link_recvmsg": ("prog_recvmsg", "sys_enter_recvmsg")}
 COUNTERS = bpf_abi.layout("bypass_counters")
 CONFIG = bpf_abi.layout("bypass_config")
 SOCK_KEY = bpf_abi.layout("sock_key")
@@ -493,6 +498,8 @@ def _compile() -> tuple[Any, Any, Any]:
                                           f"-DNA_PROG_MSG={PROG_MSG_NAME}",
                                           f"-DNA_PROG_SPLICE={PROG_SPLICE_NAME}",
                                           f"-DNA_PROG_SENDFILE={PROG_SENDFILE_NAME}",
+                                          f"-DNA_PROG_RECVFROM={PROG_RECVFROM_NAME}",
+                                          f"-DNA_PROG_RECVMSG={PROG_RECVMSG_NAME}",
                                           *(f"-D{k}={v}" for k, v in sorted(offsets.items()))])
     try:
         bpf_abi.check_map(bpf, "netaccel_accel", key="lpm_key")
@@ -503,7 +510,8 @@ def _compile() -> tuple[Any, Any, Any]:
         bcc = kernel.import_bcc()
         ops = bpf.load_func(PROG_OPS_NAME.encode(), bcc.BPF.SOCK_OPS)
         msg = bpf.load_func(PROG_MSG_NAME.encode(), bcc.BPF.SK_MSG)
-        for name in (PROG_SPLICE_NAME, PROG_SENDFILE_NAME):
+        for name in (PROG_SPLICE_NAME, PROG_SENDFILE_NAME, PROG_RECVFROM_NAME,
+                     PROG_RECVMSG_NAME):
             bpf.load_func(name.encode(), bcc.BPF.TRACEPOINT)
     except bpf_abi.AbiError:
         bpf.cleanup()

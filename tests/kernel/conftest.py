@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -164,3 +165,21 @@ def veth_packets(tb: Testbed, *pods: Pod) -> int:
         st = link_stats(tb.node_netns, pod.host_veth)
         total += st["rx_packets"] + st["tx_packets"]
     return total
+
+
+@contextlib.contextmanager
+def splice_guard_running() -> Iterator[list[dict[str, Any]]]:
+    """The splice guard's user-space half in a thread, as the agent runs it; yields the
+    events it handled (each with `reset`: 0 or an errno)."""
+    from node_helper import splice_guard
+
+    handled: list[dict[str, Any]] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=splice_guard.run, args=(stop,),
+                              kwargs={"on_event": handled.append}, daemon=True)
+    thread.start()
+    try:
+        yield handled
+    finally:
+        stop.set()
+        thread.join(5)

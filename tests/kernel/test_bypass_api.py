@@ -196,25 +196,55 @@ def test_readers(p: Pair, reader: str) -> None:
 
 # --- recv flags ---------------------------------------------------------------------------
 
-def test_msg_waitall(p: Pair) -> None:
+def test_msg_waitall_reader_first(p: Pair) -> None:
     """MSG_WAITALL returns the whole request in one call, even when it arrives in pieces; at
-    end of file it returns what there is."""
+    end of file it returns what there is. The reader waits before the data comes (the usual
+    "read a fixed-size record" loop): identical on the bypass, whose guard moves the sender
+    to TCP when the read starts (bpf/sockmap.c, rule 9)."""
+    p.cl.sendall(b"hi")  # one redirected message first: the connection is bypassed
+    assert p.srv.recv(2) == b"hi"
     data = random.Random(2).randbytes(300_000)
     p.srv.setblocking(True)  # with a timeout Python polls, then recvs without blocking
-
-    def send() -> None:
-        for i in range(0, len(data), 30_000):
-            p.cl.sendall(data[i:i + 30_000])
-            time.sleep(0.01)
-    th = threading.Thread(target=send, daemon=True)
-    th.start()
-    got = p.srv.recv(len(data), socket.MSG_WAITALL)
-    assert len(got) == len(data), f"MSG_WAITALL returned {len(got)} of {len(data)} bytes"
-    assert got == data
-    th.join(5)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(p.srv.recv(len(data), socket.MSG_WAITALL)))
+    reader.start()
+    time.sleep(0.2)  # the reader is waiting before the first piece is sent
+    for i in range(0, len(data), 30_000):
+        p.cl.sendall(data[i:i + 30_000])
+        time.sleep(0.01)
+    reader.join(10)
+    assert got and len(got[0]) == len(data), f"MSG_WAITALL returned {len(got[0])} bytes"
+    assert got[0] == data
     p.cl.sendall(b"tail")
     p.cl.shutdown(socket.SHUT_WR)
     assert p.srv.recv(100, socket.MSG_WAITALL) == b"tail"
+
+
+def test_msg_waitall_after_bytes_were_queued(p: Pair) -> None:
+    """Bytes already redirected when a MSG_WAITALL read starts: the kernel path returns the
+    whole request; on the bypass that one read returns early with what was queued
+    (tcp_bpf_recvmsg does not wait for all, and no hook here can make it), the guard moves
+    the sender to TCP, and every later MSG_WAITALL read is full. Never a byte lost or out of
+    order (docs/socket-api.md)."""
+    data = random.Random(3).randbytes(300_000)
+    p.cl.sendall(data[:30_000])
+    time.sleep(0.1)  # queued at the receiver before its read starts
+    p.srv.setblocking(True)
+    sender = threading.Thread(target=lambda: [
+        (p.cl.sendall(data[i:i + 30_000]), time.sleep(0.01))
+        for i in range(30_000, len(data), 30_000)])
+    sender.start()
+    first = p.srv.recv(len(data), socket.MSG_WAITALL)
+    if p.mode == "kernel":
+        assert len(first) == len(data)
+    else:
+        # the early return, once: what was queued (the sender may have added a piece
+        # before the read took the guard's flag), not the whole request
+        assert 30_000 <= len(first) < len(data), len(first)
+    rest = p.srv.recv(len(data) - len(first), socket.MSG_WAITALL) if len(first) < len(data) else b""
+    assert len(rest) == len(data) - len(first)  # full: now served by TCP
+    sender.join(10)
+    assert first + rest == data
 
 
 def test_msg_dontwait(p: Pair) -> None:
@@ -273,7 +303,12 @@ def test_msg_zerocopy(p: Pair) -> None:
     p.cl.shutdown(socket.SHUT_WR)
     th.join(5)
     assert bytes(got) == data
-    assert done == set(range(sends)), f"completions {sorted(done)} of {sends} sends"
+    if p.mode == "kernel":
+        assert done == set(range(sends)), f"completions {sorted(done)} of {sends} sends"
+    else:
+        # Known difference (docs/socket-api.md): tcp_bpf_sendmsg copies the data and never
+        # completes a zerocopy send. Measured so a change in either direction is noticed.
+        assert done == set(), f"completions {sorted(done)} of {sends} sends on the bypass"
 
 
 def test_msg_more_and_tcp_cork(p: Pair) -> None:

@@ -18,9 +18,16 @@ from collections.abc import Iterator
 import pytest
 
 from lab.testbed import Testbed
-from node_helper import sockets, splice_guard
+from node_helper import sockets
 
-from .conftest import FAMILIES, Bypass, connected_pair, delta, next_port
+from .conftest import (
+    FAMILIES,
+    Bypass,
+    connected_pair,
+    delta,
+    next_port,
+    splice_guard_running,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
 MB = 1 << 20
@@ -60,14 +67,8 @@ def splice_all(sock: socket.socket, want: int, deadline: float) -> tuple[bytes, 
 @pytest.fixture
 def guard() -> Iterator[list[dict]]:
     """The user-space half running, as in the agent; yields the events it handled."""
-    handled: list[dict] = []
-    stop = threading.Event()
-    thread = threading.Thread(target=splice_guard.run, args=(stop,),
-                              kwargs={"on_event": handled.append}, daemon=True)
-    thread.start()
-    yield handled
-    stop.set()
-    thread.join(5)
+    with splice_guard_running() as handled:
+        yield handled
 
 
 @pytest.mark.parametrize("family", FAMILIES)
