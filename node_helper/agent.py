@@ -113,6 +113,28 @@ class Agent:
             self._wake.set()
         return publish
 
+    def _run_splice_guard(self, stop: threading.Event) -> None:
+        """Reset connections the splice guard cannot save (node_helper.splice_guard)."""
+        from node_helper import splice_guard
+
+        while not stop.is_set():
+            try:
+                splice_guard.run(stop, interval=0.01, on_event=self._splice_event)
+            except Exception:  # noqa: BLE001 - logged; the guard must keep running
+                log.exception("splice guard failed; restarting it")
+                stop.wait(1.0)
+
+    def _splice_event(self, event: dict[str, Any]) -> None:
+        """One reset connection: a metric, and a log line naming the pod."""
+        pod = next((ep.ident for ep in self._desired.values() if event["local"] in ep.ips),
+                   None)
+        self.metrics.splice_resets.inc()
+        log.warning("splice on a bypassed connection reset; the pod's workload now runs on TCP",
+                    extra={"fields": {"event": "splice_reset", "pod": pod,
+                                      "local": f"{event['local']}:{event['lport']}",
+                                      "remote": f"{event['remote']}:{event['rport']}",
+                                      "queued": event["queued"], "reset": event["reset"]}})
+
     def _run_source(self, source: Source, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
@@ -187,6 +209,8 @@ class Agent:
         threads = [threading.Thread(target=self._run_source, args=(s, stop),
                                     name=f"source-{s.name}", daemon=True)
                    for s in self.sources]
+        threads.append(threading.Thread(target=self._run_splice_guard, args=(stop,),
+                                        name="splice-guard", daemon=True))
         for t in threads:
             t.start()
         next_resync = time.monotonic() + self.resync_interval

@@ -14,6 +14,13 @@ Opt-in (the same keys everywhere; the hook sidecar uses the same prefix):
     netaccel.kubevirt.io/vm-datapath: "bpf" | "mirror"  on a VMI (default bpf)
     netaccel.kubevirt.io/vm-checksum: "keep" | "off"    on a VMI (default keep): rx/tx checksum
                                                           offload of the launcher's tap and veth
+    netaccel.kubevirt.io/no-bypass-ports: "8080,9090" | "all"   on a bypassed Pod: connections
+                                                          to these local ports (or all of the
+                                                          pod's) stay on TCP: for applications
+                                                          the bypass cannot serve (splice on a
+                                                          connection whose sender closed,
+                                                          io_uring splice, MSG_ZEROCOPY;
+                                                          docs/socket-api.md)
 A malformed value is an `Endpoint.error`: the reconciler reports it and leaves that pod
 untouched (whatever was applied for it stays as it was).
 """
@@ -30,6 +37,7 @@ PREFIX = "netaccel.kubevirt.io/"
 ACCELERATE = PREFIX + "accelerate"
 VM_DATAPATH = PREFIX + "vm-datapath"
 VM_CHECKSUM = PREFIX + "vm-checksum"
+NO_BYPASS_PORTS = PREFIX + "no-bypass-ports"
 _BOOL = {"true": True, "false": False}
 VM_DATAPATHS = ("bpf", "mirror")
 VM_CHECKSUMS = ("keep", "off")
@@ -60,6 +68,7 @@ class Endpoint:
     vm: VmSettings | None = None  # a launcher pod whose VMI opted in to the VM datapath
     netns: str | None = None  # a netns path when the source knows it (static file, lab)
     error: str | None = None  # a malformed opt-in: report, leave the pod untouched
+    no_bypass_ports: tuple[int, ...] = ()  # local ports left on TCP; (0,): every port
 
     @property
     def ident(self) -> str:
@@ -112,6 +121,38 @@ def valid_ips(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
         except ValueError:
             raise SettingsError(f"pod address {value!r} is not an IP address") from None
     return tuple(out)
+
+
+def no_bypass_ports(annotations: Mapping[str, str]) -> tuple[int, ...]:
+    """A pod's opt-out ports: "all" -> (0,), "8080,9090" -> (8080, 9090), absent -> ()."""
+    text = annotations.get(NO_BYPASS_PORTS)
+    if text is None:
+        return ()
+    return parse_ports(text if text.strip() != "all" else [0], NO_BYPASS_PORTS)
+
+
+def parse_ports(value: object, what: str) -> tuple[int, ...]:
+    """Ports from "8080,9090" or a list of ints; 0 (or "all") means every port."""
+    if isinstance(value, str):
+        value = [0] if value.strip() == "all" else [p.strip() for p in value.split(",")]
+    if not isinstance(value, list | tuple) or not value:
+        raise SettingsError(f"{what}={value!r}: give ports like \"8080,9090\" or \"all\"")
+    ports = []
+    for item in value:
+        try:
+            port = int(item)
+        except (TypeError, ValueError):
+            port = -1
+        if not 0 <= port <= 65535 or isinstance(item, bool):
+            raise SettingsError(f"{what}: {item!r} is not a port (1-65535, or all)")
+        ports.append(port)
+    return (0,) if 0 in ports else tuple(sorted(set(ports)))
+
+
+def bypass_opt_outs(state: DesiredState) -> list[tuple[str, int]]:
+    """(address, local port) pairs the bypass leaves alone, for every opted-in pod."""
+    return sorted({(ip, port) for ep in state.values() if ep.bypass and not ep.error
+                   for ip in ep.ips for port in ep.no_bypass_ports})
 
 
 def bypass_cidrs(state: DesiredState) -> list[str]:

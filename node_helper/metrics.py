@@ -128,6 +128,9 @@ class AgentMetrics:
                               ["op"], registry=self.registry)
         for op in ("bypass", "vm_accelerate", "vm_restore"):
             self.errors.labels(op)  # present (at 0) before the first error
+        self.splice_resets = Counter("netaccel_splice_resets", "connections the splice "
+                                     "guard reset (a reader spliced bytes it could not see)",
+                                     registry=self.registry)
         self.duration = Histogram("netaccel_reconcile_duration_seconds",
                                   "duration of a reconcile pass", registry=self.registry,
                                   buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10,

@@ -37,7 +37,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from node_helper.desired import DesiredState, Endpoint, VmSettings, bypass_cidrs
+from node_helper.desired import (
+    DesiredState,
+    Endpoint,
+    VmSettings,
+    bypass_cidrs,
+    bypass_opt_outs,
+)
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
@@ -64,6 +70,7 @@ class Datapaths(Protocol):
 
     def bypass_state(self) -> tuple[bool, set[str]]: ...
     def bypass_apply(self, cidrs: list[str]) -> tuple[bool, set[str]]: ...
+    def bypass_opt_out(self, entries: list[tuple[str, int]]) -> None: ...
     def netns_id(self, netns: str) -> NetnsId | None: ...
     def netns_cookie(self, netns: str) -> int | None: ...
     def vm_accelerate(self, netns: str, settings: VmSettings) -> dict[str, Any]: ...
@@ -119,6 +126,7 @@ class Reconciler:
         self.invalid: dict[str, Endpoint] = {}
         self.bypass_attached, self.bypass_set = False, set[str]()
         self.bypass_wanted: set[str] = set()
+        self.opt_outs: list[tuple[str, int]] | None = None  # None: not yet applied by us
         self.passes = 0
 
     # --- bookkeeping ---------------------------------------------------------------
@@ -168,6 +176,7 @@ class Reconciler:
                     "error": ep.error}})
         self.invalid = invalid
         self._bypass(desired, invalid, resync, result)
+        self._opt_out(desired, invalid, result)
         self._vm(desired, invalid, resync, result)
         # forget failures of endpoints nobody wants any more
         for key in [k for k in self.failures if k != BYPASS_KEY and k not in desired
@@ -200,6 +209,22 @@ class Reconciler:
             return
         self._ok(BYPASS_KEY, {"event": "bypass_applied", "cidrs": sorted(want),
                               "attached": self.bypass_attached}, result)
+
+    def _opt_out(self, desired: DesiredState, invalid: DesiredState,
+                 result: PassResult) -> None:
+        """The configured no-bypass workloads (desired.NO_BYPASS_PORTS), once the programs
+        are attached; an invalid pod keeps what it had."""
+        want = bypass_opt_outs({u: e for u, e in desired.items() if u not in invalid})
+        want = sorted(set(want) | {e for e in self.opt_outs or []
+                                   if any(e[0] in ep.ips for ep in invalid.values())})
+        if not self.bypass_attached or want == self.opt_outs:
+            return
+        try:
+            self.dp.bypass_opt_out(want)
+        except Exception as exc:  # noqa: BLE001 - reported, retried with the next pass
+            self._fail(BYPASS_KEY, "bypass", "socket bypass opt-outs", exc, result)
+            return
+        self.opt_outs = want
 
     def _vm(self, desired: DesiredState, invalid: DesiredState, resync: bool,
             result: PassResult) -> None:
@@ -319,6 +344,11 @@ class KernelDatapaths:
 
         st = sockets.enable(cidrs, allow_empty=True)
         return bool(st["enabled"]), set(st["cidrs"])
+
+    def bypass_opt_out(self, entries: list[tuple[str, int]]) -> None:
+        from node_helper import sockets
+
+        sockets.set_no_bypass(entries)
 
     def netns_id(self, netns: str) -> NetnsId | None:
         from node_helper import inventory, kernel

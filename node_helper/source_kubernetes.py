@@ -135,11 +135,12 @@ def endpoints(pods: Mapping[str, Mapping[str, Any]], vmis: Mapping[str, Mapping[
             continue
         try:
             bypass = desired.opted_in(pod["annotations"], ns_labels)
+            opt_out = desired.no_bypass_ports(pod["annotations"])
         except SettingsError as exc:
             state[uid] = Endpoint(**base, ips=ips,
                                   error=f"pod {pod['namespace']}/{pod['name']}: {exc}")
             continue
-        state[uid] = Endpoint(**base, ips=ips, bypass=bypass)
+        state[uid] = Endpoint(**base, ips=ips, bypass=bypass, no_bypass_ports=opt_out)
     return state
 
 

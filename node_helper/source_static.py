@@ -38,7 +38,7 @@ from node_helper import desired
 from node_helper.desired import DesiredState, Endpoint, Publish, SettingsError, VmSettings
 
 POLL_INTERVAL = 0.5
-_ENTRY_KEYS = {"uid", "namespace", "name", "ips", "netns", "bypass", "vm"}
+_ENTRY_KEYS = {"uid", "namespace", "name", "ips", "netns", "bypass", "vm", "no_bypass_ports"}
 _VM_KEYS = {"datapath", "checksum", "interface"}
 log = logging.getLogger("netaccel.source.static")
 
@@ -100,8 +100,10 @@ def parse_entry(entry: Any, index: int) -> Endpoint:
         netns = entry.get("netns")
         if netns is not None and (not isinstance(netns, str) or not netns):
             raise SettingsError(f"netns must be a path or a name, not {netns!r}")
+        opt_out = entry.get("no_bypass_ports")
+        opt_out = () if opt_out is None else desired.parse_ports(opt_out, "no_bypass_ports")
         return Endpoint(uid, namespace, name, ips=desired.valid_ips(ips), bypass=bypass,
-                        vm=_vm(entry.get("vm")), netns=netns)
+                        vm=_vm(entry.get("vm")), netns=netns, no_bypass_ports=opt_out)
     except SettingsError as exc:
         return Endpoint(uid, namespace, name, error=f"entry {index}: {exc}")
 

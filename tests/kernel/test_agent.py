@@ -420,3 +420,59 @@ def test_restart_restores_what_was_removed_while_down(bed: Testbed, tmp_path: Pa
              "the unclaimed VM datapath restored")
     assert any(r.get("event") == "vm_restored" and r.get("reason") for r in second.records())
     assert sockets.status()["cidrs"] == host_routes(bed, 0, 1)
+
+
+def test_opt_out_ports_and_splice_resets(bed: Testbed, tmp_path: Path,
+                                         agent: Callable[[], AgentProc]) -> None:
+    """The static file's no_bypass_ports reach the kernel; a reader that splices bytes it
+    cannot see is reset by the agent, which logs the pod's name and counts it."""
+    f = tmp_path / "desired.yaml"
+    opted_out = next_port()
+    doc = desired(bed, vm=False)
+    doc["pods"][1]["no_bypass_ports"] = [opted_out]
+    write(f, doc)
+    a = agent()
+    wait_for(lambda: {(e["address"], e["port"]) for e in sockets.no_bypass()
+                      if e["source"] == "configured"}
+             == {(bed.pods[1].ipv4, opted_out), (bed.pods[1].ipv6, opted_out)},
+             what="the configured opt-out")
+    before = sockets.status()
+
+    def pair(port: int) -> tuple[socket.socket, socket.socket]:
+        ls = listen(bed.pods[1], "ipv4", port)
+        cl = client_socket(bed.pods[0], "ipv4")
+        with ls:
+            cl.settimeout(10)
+            ls.settimeout(10)
+            cl.connect((bed.pods[1].ipv4, port))
+            srv, _ = ls.accept()
+        return cl, srv
+
+    cl, srv = pair(opted_out)  # left on TCP from its first byte
+    with cl, srv:
+        cl.sendall(b"o" * 100)
+        assert srv.recv(100) == b"o" * 100
+    assert sockets.status()["skipped_no_bypass"] == before["skipped_no_bypass"] + 1
+    cl, srv = pair(next_port())  # bypassed: bytes queued, then the reader splices
+    with cl, srv:
+        cl.sendall(b"q" * 5000)
+        r, w = os.pipe()
+        try:
+            srv.setblocking(False)  # poll, so that a hang ends at the deadline
+            err = None
+            deadline = time.monotonic() + 5
+            while err is None and time.monotonic() < deadline:
+                try:
+                    assert os.splice(srv.fileno(), w, 4096) != 0, "a premature end of file"
+                except BlockingIOError:
+                    time.sleep(0.005)
+                except OSError as exc:
+                    err = exc.errno
+            assert err == 103  # ECONNABORTED, within ms
+        finally:
+            os.close(r)
+            os.close(w)
+    resets = wait_for(lambda: [r for r in a.records() if r.get("event") == "splice_reset"],
+                      10, "the agent's splice_reset log line")
+    assert resets[0]["pod"] == "t/pod1" and resets[0]["reset"] == 0, resets
+    assert wait_for(lambda: a.metric("netaccel_splice_resets_total"), 10) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,10 @@ class FakeKernel:
     def bypass_state(self) -> tuple[bool, set[str]]:
         return self.attached, set(self.cidrs)
 
+    def bypass_opt_out(self, entries: list[tuple[str, int]]) -> None:
+        self.calls.append(("opt_out", tuple(entries)))
+        self.opt_outs = list(entries)
+
     def bypass_apply(self, cidrs: list[str]) -> tuple[bool, set[str]]:
         self.calls.append(("bypass", tuple(cidrs)))
         if "bypass" in self.fail:
@@ -171,11 +176,28 @@ def test_bypass_set_in_place_and_kept_attached_when_empty() -> None:
     r.reconcile(state(ep("a", ("10.0.0.1",), True), ep("b", ("fd00::1",), True)))
     assert k.cidrs == {"10.0.0.1/32", "fd00::1/128"}
     r.reconcile(state(ep("a", ("10.0.0.1",), True), ep("b", ("fd00::1",), True)))
-    assert len(k.calls) == 1  # unchanged: no call
+    assert [c for c in k.calls if c[0] == "bypass"] == k.calls[:1]  # unchanged: no call
     r.reconcile(state(ep("a", ("10.0.0.1",), True)))
     assert k.cidrs == {"10.0.0.1/32"}
     r.reconcile(state())
     assert k.attached and k.cidrs == set()
+
+
+def test_opt_outs_follow_the_pods_that_want_them() -> None:
+    k = FakeKernel()
+    r = Reconciler(k, clock=Clock())
+    a = ep("a", ("10.0.0.1", "fd00::1"), True)
+    r.reconcile(state(replace(a, no_bypass_ports=(8080,))))
+    assert k.opt_outs == [("10.0.0.1", 8080), ("fd00::1", 8080)]
+    calls = len(k.calls)
+    r.reconcile(state(replace(a, no_bypass_ports=(8080,))))
+    assert len(k.calls) == calls  # unchanged: no call
+    r.reconcile(state(replace(a, no_bypass_ports=(8080,), error="bad annotation")))
+    assert k.opt_outs == [("10.0.0.1", 8080), ("fd00::1", 8080)]  # invalid: kept as it was
+    r.reconcile(state(a))
+    assert k.opt_outs == []
+    r.reconcile(state(replace(a, bypass=False, no_bypass_ports=(0,))))
+    assert k.opt_outs == []  # only pods that are bypassed have opt-outs
 
 
 def test_invalid_endpoint_left_untouched() -> None:

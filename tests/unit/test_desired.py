@@ -41,3 +41,27 @@ def test_bypass_cidrs_take_every_address_of_opted_in_pods_only() -> None:
         "c": Endpoint("c", "ns", "c", ("10.0.0.3",), bypass=True, error="bad annotation"),
     }
     assert desired.bypass_cidrs(state) == ["10.0.0.1/32", "fd00::1/128"]
+
+
+@pytest.mark.parametrize("value, want", [
+    ("8080", (8080,)), ("9090, 8080,8080", (8080, 9090)), ("all", (0,)), (" all ", (0,)),
+])
+def test_no_bypass_ports(value: str, want: tuple[int, ...]) -> None:
+    assert desired.no_bypass_ports({desired.NO_BYPASS_PORTS: value}) == want
+    assert desired.no_bypass_ports({}) == ()
+
+
+@pytest.mark.parametrize("value", ["", "http", "70000", "-1", "80,x"])
+def test_no_bypass_ports_malformed(value: str) -> None:
+    with pytest.raises(SettingsError, match="no-bypass-ports"):
+        desired.no_bypass_ports({desired.NO_BYPASS_PORTS: value})
+
+
+def test_opt_outs_only_for_bypassed_valid_pods() -> None:
+    state = {
+        "a": Endpoint("a", "ns", "a", ("10.0.0.1",), bypass=True, no_bypass_ports=(80,)),
+        "b": Endpoint("b", "ns", "b", ("10.0.0.2",), bypass=False, no_bypass_ports=(0,)),
+        "c": Endpoint("c", "ns", "c", ("10.0.0.3",), bypass=True, error="x",
+                      no_bypass_ports=(80,)),
+    }
+    assert desired.bypass_opt_outs(state) == [("10.0.0.1", 80)]
