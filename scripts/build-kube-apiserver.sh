@@ -43,7 +43,8 @@ log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 if [[ -z "${GO:-}" ]]; then
-    if command -v go >/dev/null 2>&1; then GO="$(command -v go)"; else GO=/usr/local/go/bin/go; fi
+    # /usr/local/go first: a distribution's older go on PATH cannot build kube-apiserver.
+    if [[ -x /usr/local/go/bin/go ]]; then GO=/usr/local/go/bin/go; else GO="$(command -v go || true)"; fi
 fi
 
 # Only a build needs Go: checked when something is not cached yet.
