@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--pods", type=int, default=2)
     p.add_argument("--vms", type=int, default=0)
-    p.add_argument("--guest", choices=["netns", "qemu"], default="netns")
+    p.add_argument("--guest", choices=testbed.GUESTS, default="netns")
     p.add_argument("--kubelet-root", metavar="DIR",
                    help="up: lay pods out as kubelet does (UIDs, cgroups, launcher sockets)")
     p.add_argument("--cgroup-driver", choices=testbed.CGROUP_DRIVERS, default="systemd")
