@@ -627,6 +627,8 @@ def bench_node(pods: int = NODE_PODS, vms: int = NODE_VMS, workers: int = 8,
             if bed is not None:
                 bed.destroy()
             shutil.rmtree(work, ignore_errors=True)
+            for part in ("bypass", "vm"):  # the instance's lock files
+                Path(f"/run/{instance}-{part}.lock").unlink(missing_ok=True)
     result["conditions"].update(machine_meta())
     return result
 
