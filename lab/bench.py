@@ -384,3 +384,287 @@ def machine_meta() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
     }
+
+
+# --- the node agent at scale: `netaccel-lab bench node` ------------------------------------
+
+NODE_PODS, NODE_VMS = 200, 100
+QUICK_NODE_PODS, QUICK_NODE_VMS = 20, 10
+REPO = Path(__file__).resolve().parents[1]
+RBAC_FILE = REPO / "deploy" / "rbac.yaml"  # in a checkout; else the admin identity is used
+
+
+def _vm_hwm_kib(pid: int) -> tuple[int, int]:
+    """(VmHWM, VmRSS) of a live process in KiB; (0, 0) when it is gone."""
+    found = {"VmHWM": 0, "VmRSS": 0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in found:
+                found[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return found["VmHWM"], found["VmRSS"]
+
+
+def _parallel(calls: Sequence[Callable[[], Any]], workers: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(c) for c in calls]:
+            future.result()
+
+
+class _NodeAgent:
+    """`netaccel node run --kubernetes` as a subprocess of its own instance; its report file
+    (/run/<instance>-agent.json, written after every pass) says what it has applied."""
+
+    def __init__(self, env: dict[str, str], argv: list[str], log: Path):
+        self.env, self.log = env, log
+        self.report_file = Path("/run") / f"{env['NETACCEL_INSTANCE']}-agent.json"
+        self.out = log.open("a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "node_helper.cli", *argv],
+                                     stdout=self.out, stderr=self.out, env=env, cwd=REPO)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"the agent exited with {self.proc.returncode}; its log "
+                             f"({self.log}):\n{self.log.read_text()[-3000:]}")
+
+    def report(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.report_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def wait(self, check: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+             poll: float = 0.01) -> float:
+        """Poll the report until `check` holds; the monotonic time it first did."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if check(self.report()):
+                return time.monotonic()
+            self.check()
+            if time.monotonic() > deadline:
+                raise BenchError(f"the agent did not get {what} within {timeout:.0f} s; last "
+                                 f"report: {json.dumps(self.report())[:1500]}")
+            time.sleep(poll)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)  # SIGINT: leaves everything in place, like SIGTERM
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+
+
+def _netaccel_json(env: dict[str, str], *args: str) -> dict[str, Any]:
+    res = subprocess.run([sys.executable, "-m", "node_helper.cli", *args, "--json"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    if res.returncode != 0:
+        raise BenchError(f"netaccel {' '.join(args)} exited {res.returncode}: "
+                         f"{(res.stderr or res.stdout)[-2000:]}")
+    return json.loads(res.stdout)
+
+
+def bench_node(pods: int = NODE_PODS, vms: int = NODE_VMS, workers: int = 8,
+               keep_logs: Path | None = None,
+               progress: ProgressFn = stderr_progress) -> dict[str, Any]:
+    """The agent (`netaccel node run --kubernetes`) at scale against a real API server.
+
+    A testbed of `pods` pods and `vms` VMs (guest "none": a real tun/tap each, as the agent's
+    own tap classifier wants) laid out as kubelet does, with the UIDs of Pod objects created
+    first without addresses (scheduled, sandboxes starting). The agent runs, with the
+    identity of deploy/rbac.yaml, and has synced (nothing to do). Then every pod and launcher
+    gets its address at once (kubelet's status patches, `workers` in parallel) in a namespace
+    that opts in: measured from the first patch until the agent's report says the bypass set
+    holds every pod address and every VM is accelerated (then checked in the kernel), the
+    agent's peak RSS (VmHWM), and the time to undo it all (every Pod and VMI deleted, until
+    the bypass set is empty and no VM datapath is left). The agent runs under an instance of
+    its own (NETACCEL_INSTANCE) and everything goes afterwards, also on failure.
+    """
+    import secrets
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from lab import apiserver as api_mod
+    from lab import kube, vmi_crd
+    from node_helper.desired import ACCELERATE
+
+    try:
+        kube_apiserver, etcd = api_mod.find_binaries()
+    except api_mod.APIServerError as exc:
+        raise BenchError(f"{exc} (scripts/build-kube-apiserver.sh; a cold build needs Go)") \
+            from None
+    instance = f"nb{os.getpid() % 10**8}"
+    env = dict(os.environ, NETACCEL_INSTANCE=instance)
+    work = Path(tempfile.mkdtemp(prefix="netaccel-bench-node-"))
+    result: dict[str, Any] = {"conditions": {
+        "pods": pods, "vms": vms, "instance": instance, "api_writers": workers,
+        "kube_apiserver": str(kube_apiserver), "etcd": str(etcd),
+        "vm_datapath": "bpf", "vm_checksum": "keep", "opt_in": "namespace label"}}
+    agent: _NodeAgent | None = None
+    bed: Testbed | None = None
+    try:
+        with api_mod.running_apiserver(kube_apiserver=kube_apiserver, etcd=etcd) as api, \
+                kube.api_client(api.url, api.ca_file, api.token) as admin:
+            api.install_crd(vmi_crd.load())
+            cluster = kube.Cluster(admin)
+            if RBAC_FILE.is_file():
+                docs = [d for d in yaml.safe_load_all(RBAC_FILE.read_text()) if d]
+                kube.apply_rbac(admin, docs)
+                sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]
+                token = kube.service_account_token(admin, sa["namespace"], sa["name"])
+                result["conditions"]["identity"] = f"ServiceAccount {sa['namespace']}/" \
+                    f"{sa['name']} (deploy/rbac.yaml)"
+            else:
+                token = api.token
+                result["conditions"]["identity"] = "admin (no deploy/rbac.yaml found)"
+            kubeconfig = kube.write_kubeconfig(work / "kubeconfig", api.url, api.ca_file, token)
+            node = f"bench-{secrets.token_hex(4)}"
+            ns = cluster.namespace(f"bench-{secrets.token_hex(4)}", {ACCELERATE: "true"})
+
+            start = time.monotonic()
+            progress(f"creating {pods} Pods and {vms} VMIs + launcher Pods (no addresses yet)")
+            uids: dict[str, str] = {}
+
+            def make_pod(i: int) -> None:
+                uids[f"pod{i}"] = cluster.pod(ns, f"pod{i}", node)
+
+            def make_vm(j: int) -> None:
+                vmi_uid = cluster.vmi(ns, f"vm{j}", node)
+                uids[f"vm{j}"] = cluster.launcher(ns, f"vm{j}", vmi_uid, node, (),
+                                                  name=f"virt-launcher-vm{j}")[1]
+
+            _parallel([lambda i=i: make_pod(i) for i in range(pods)]
+                      + [lambda j=j: make_vm(j) for j in range(vms)], workers)
+            progress(f"  {time.monotonic() - start:.1f} s; building the testbed (kubelet "
+                     "layout with those UIDs)")
+            start = time.monotonic()
+            bed = Testbed.create(pods=pods, vms=vms, guest="none",
+                                 kubelet_root=work / "kubelet", uids=uids)
+            result["conditions"]["testbed_build_seconds"] = round(time.monotonic() - start, 2)
+            progress(f"  testbed {bed.number} in {time.monotonic() - start:.1f} s; starting the "
+                     "agent")
+            agent = _NodeAgent(env, [
+                "node", "run", "--kubernetes", "--node-name", node, "--kubeconfig",
+                str(kubeconfig), "--kubelet-root", str(bed.kubelet_root),
+                "--metrics-bind", f"127.0.0.1:{api_mod.free_port()}"], work / "agent.log")
+            pid = agent.proc.pid
+            agent.wait(lambda r: r.get("pid") == pid, 60, "its first pass", poll=0.05)
+
+            want_cidrs = sorted(bed.pod_cidrs())
+            patches = [lambda p=p: cluster.set_ips(ns, p.name, [p.ipv4, p.ipv6])
+                       for p in bed.pods]
+            patches += [lambda v=v: cluster.set_ips(ns, f"virt-launcher-{v.name}", [v.ipv4])
+                        for v in bed.vms]
+            progress(f"all {pods} pods and {vms} VMs get their addresses at once")
+            t0 = time.monotonic()
+            _parallel(patches, workers)
+            t_api = time.monotonic()
+
+            def programmed(r: dict[str, Any]) -> bool:
+                bypass = r.get("bypass") or {}
+                return bypass.get("cidrs") == want_cidrs and len(r.get("vms") or {}) == vms
+
+            t_done = agent.wait(programmed, 600, "everything programmed")
+            hwm, rss = _vm_hwm_kib(agent.proc.pid)
+            result["program"] = {"seconds": round(t_done - t0, 3),
+                                 "api_writes_seconds": round(t_api - t0, 3),
+                                 "after_last_write_seconds": round(t_done - t_api, 3)}
+            progress(f"  programmed in {t_done - t0:.2f} s (API writes took {t_api - t0:.2f} s)")
+            status = _netaccel_json(env, "node", "status")  # the kernel's word, not the report
+            result["program"]["kernel_check"] = {
+                "bypass_cidrs": len(status["bypass"]["cidrs"]),
+                "bypass_matches": status["bypass"]["cidrs"] == want_cidrs,
+                "vm_datapaths": sum(1 for v in status["vms"] if v.get("datapath") == "bpf")}
+            result["program"]["profile"] = _agent_profile(agent.records(), t0, t_done)
+
+            progress(f"deleting every Pod and VMI ({pods + 2 * vms} objects)")
+            deletes = [lambda p=p: cluster.delete_pod(ns, p.name) for p in bed.pods]
+            deletes += [lambda v=v: cluster.delete_pod(ns, f"virt-launcher-{v.name}")
+                        for v in bed.vms]
+            deletes += [lambda v=v: cluster.delete_vmi(ns, v.name) for v in bed.vms]
+            t1 = time.monotonic()
+            _parallel(deletes, workers)
+            t_api = time.monotonic()
+            t_undone = agent.wait(lambda r: (r.get("bypass") or {}).get("cidrs") == []
+                                  and r.get("vms") == {}, 600, "everything undone")
+            result["undo"] = {"seconds": round(t_undone - t1, 3),
+                              "api_writes_seconds": round(t_api - t1, 3)}
+            progress(f"  undone in {t_undone - t1:.2f} s")
+            hwm, rss = max(hwm, _vm_hwm_kib(agent.proc.pid)[0]), _vm_hwm_kib(agent.proc.pid)[1]
+            result["rss"] = {"peak_mib": round(hwm / 1024, 1), "end_mib": round(rss / 1024, 1)}
+            status = _netaccel_json(env, "node", "status")
+            result["undo"]["kernel_check"] = {"bypass_cidrs": len(status["bypass"]["cidrs"]),
+                                              "vm_datapaths": len(status["vms"])}
+            result["conditions"]["apiserver_rss_mib"] = {
+                k: round(v / 2**20) for k, v in api.rss_bytes().items()}
+            agent.stop()
+    finally:
+        if agent is not None:
+            agent.stop()
+            if keep_logs is not None:
+                shutil.copy(agent.log, keep_logs)
+        try:
+            done = _netaccel_json(env, "node", "cleanup")
+            result["cleanup_ok"] = done.get("ok")
+        finally:
+            if bed is not None:
+                bed.destroy()
+            shutil.rmtree(work, ignore_errors=True)
+            for part in ("bypass", "vm"):  # the instance's lock files
+                Path(f"/run/{instance}-{part}.lock").unlink(missing_ok=True)
+    result["conditions"].update(machine_meta())
+    return result
+
+
+def _agent_profile(records: Sequence[dict[str, Any]], t0: float, t_done: float
+                   ) -> dict[str, Any]:
+    """Where the agent's time went, from its log: the first and last change of each kind."""
+    from datetime import datetime
+
+    stamps: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("event") in ("bypass_applied", "vm_accelerated", "reconcile_error"):
+            ts = datetime.fromisoformat(r["ts"]).timestamp()
+            stamps.setdefault(r["event"], []).append(ts)
+    out: dict[str, Any] = {}
+    for event, ts in stamps.items():
+        out[event] = {"count": len(ts), "span_seconds": round(max(ts) - min(ts), 3)}
+    return out
+
+
+def format_node_table(result: dict[str, Any]) -> str:
+    c = result["conditions"]
+    rows = [
+        ("pods / VMs", f"{c['pods']} / {c['vms']}"),
+        ("program (first status patch -> all programmed)",
+         f"{result['program']['seconds']:.2f} s"),
+        ("  of which API writes", f"{result['program']['api_writes_seconds']:.2f} s"),
+        ("  after the last write", f"{result['program']['after_last_write_seconds']:.2f} s"),
+        ("agent RSS peak (VmHWM)", f"{result['rss']['peak_mib']:.1f} MiB"),
+        ("undo (first delete -> nothing applied)", f"{result['undo']['seconds']:.2f} s"),
+        ("kernel after program: bypass cidrs / bpf VMs",
+         f"{result['program']['kernel_check']['bypass_cidrs']} / "
+         f"{result['program']['kernel_check']['vm_datapaths']}"),
+        ("kernel after undo: bypass cidrs / VMs",
+         f"{result['undo']['kernel_check']['bypass_cidrs']} / "
+         f"{result['undo']['kernel_check']['vm_datapaths']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:{width}s}  {v}" for k, v in rows)

@@ -4,6 +4,7 @@
                             [--cgroup-driver systemd|cgroupfs] | status | down
     netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
     netaccel-lab bench pods|vm [--quick] [--rounds R] [--json FILE] [--plot FILE.png]
+    netaccel-lab bench node [--quick] [--pods N] [--vms M] [--json FILE]   the agent at scale
 
 Exit codes as `netaccel` (node_helper.exitcodes).
 """
@@ -11,6 +12,7 @@ Exit codes as `netaccel` (node_helper.exitcodes).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +80,22 @@ def cmd_bypass(args: argparse.Namespace) -> int:
 
 # --- bench ---------------------------------------------------------------------
 
+def cmd_bench_node(args: argparse.Namespace) -> int:
+    pods = args.pods or (bench.QUICK_NODE_PODS if args.quick else bench.NODE_PODS)
+    vms = args.vms if args.vms is not None else (bench.QUICK_NODE_VMS if args.quick
+                                                 else bench.NODE_VMS)
+    result = bench.bench_node(pods, vms, keep_logs=Path(args.agent_log) if args.agent_log
+                              else None)
+    print(bench.format_node_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"JSON written to {args.json}", file=sys.stderr)
+    return exitcodes.OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "node":
+        return cmd_bench_node(args)
     sizes = bench.QUICK_SIZES if args.quick else bench.FULL_SIZES
     seconds = args.seconds or (2.0 if args.quick else 3.0)
     meta = bench.machine_meta() | {"bench": args.target, "seconds_per_point": seconds}
@@ -114,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--pods", type=int, default=2)
     p.add_argument("--vms", type=int, default=0)
-    p.add_argument("--guest", choices=["netns", "qemu"], default="netns")
+    p.add_argument("--guest", choices=testbed.GUESTS, default="netns")
     p.add_argument("--kubelet-root", metavar="DIR",
                    help="up: lay pods out as kubelet does (UIDs, cgroups, launcher sockets)")
     p.add_argument("--cgroup-driver", choices=testbed.CGROUP_DRIVERS, default="systemd")
@@ -122,9 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="down: remove every testbed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_testbed)
-    p = sub.add_parser("bench", help="qperf benchmarks on the testbed, side by side")
-    p.add_argument("target", choices=["pods", "vm"])
-    p.add_argument("--quick", action="store_true", help="64 B, 1 KiB, 16 KiB at 2 s a point")
+    p = sub.add_parser("bench", help="qperf benchmarks on the testbed, side by side; node: "
+                       "the agent programming many pods and VMs from a real API server")
+    p.add_argument("target", choices=["pods", "vm", "node"])
+    p.add_argument("--quick", action="store_true", help="64 B, 1 KiB, 16 KiB at 2 s a point "
+                   f"(node: {bench.QUICK_NODE_PODS} pods, {bench.QUICK_NODE_VMS} VMs)")
+    p.add_argument("--pods", type=_positive_int,
+                   help=f"node: pods (default {bench.NODE_PODS}, at most {testbed.MAX_PODS})")
+    p.add_argument("--vms", type=int,
+                   help=f"node: VMs (default {bench.NODE_VMS}, at most {testbed.MAX_VMS})")
+    p.add_argument("--agent-log", metavar="FILE", help="node: keep the agent's log here")
     p.add_argument("--seconds", type=float, help="seconds per point (default 3, quick 2)")
     p.add_argument("--rounds", type=_positive_int, default=1,
                    help="alternating rounds per point; figures are their median (default 1)")

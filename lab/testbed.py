@@ -4,12 +4,17 @@ Used by the tests, the demo and the benchmarks alike. One testbed is:
 
     node netns  na<k>-node    bridge br0 (10.251.<k>.1/24, fd00:6e61:<k>::1/64)
     pod netns   na<k>-pod<i>  eth0 (veth, peer pod<i> on br0)
-                              10.251.<k>.<10+i>, fd00:6e61:<k>::<10+i>
+                              10.251.<k>.<10+i>, fd00:6e61:<k>::<10+i>; pods 80 and up
+                              (MAX_PODS 300) take 10.252.<k>.<10+i-80> (br0 then also has
+                              10.252.<k>.1/24 and the node netns routes between the two)
     VM launcher na<k>-vm<j>   KubeVirt bridge binding: k6t-eth0 bridge, eth0-nic veth (peer vm<j>
                               on br0), dummy eth0 with the VM's IP, tap0 towards the guest
     VM guest    na<k>-vm<j>g  (netns guest) eth0 with the VM's IP 10.251.<k>.<100+j>; its peer in
                               the launcher is tap0, a veth standing in for QEMU's tap and marked
                               with the alias TAP_STANDIN_ALIAS.
+       or       (none)        (no guest) tap0 is a real tun/tap with nothing behind it (alias
+                              TAP_NO_GUEST_ALIAS): the agent's own tap classifier accepts it, so
+                              the VM datapath can be programmed at scale; no guest traffic.
        or       netaccel-tb<k>-vm<j>  (QEMU guest) a libvirt domain on a real tap0, address by
                               DHCP from dnsmasq on k6t-eth0 (server 10.251.<k>.<200+j>).
 
@@ -19,7 +24,8 @@ created; `destroy()` removes them all, and so does `destroy_all()` after a crash
 
 With `kubelet_root` the testbed also lays pods out the way kubelet and KubeVirt do, so that
 node_helper.netns_discovery is tested for real: every pod and VM launcher gets a UID
-(uuid4) and a long-running process inside its netns, placed in a kubelet-style cgroup under
+(uuid4, or the one given in `uids`: the API server's, when the Pod objects came first) and a
+long-running process inside its netns, placed in a kubelet-style cgroup under
 <cgroup v2 root>/netaccel-lab-<k>/ (never the real kubepods; `cgroup_root` is what discovery
 is pointed at), named for the `cgroup_driver`:
 
@@ -30,6 +36,8 @@ is pointed at), named for the `cgroup_driver`:
 QoS classes (guaranteed, burstable, besteffort) and runtimes (cri-containerd-, crio-,
 docker-) rotate over the pods. A VM's process listens on virt-launcher's command socket,
 <kubelet_root>/pods/<uid>/volumes/kubernetes.io~empty-dir/sockets/launcher-sock.
+A pod or VM given the UID None in `uids` has no layout until `lay_out(name, uid)` (kubelet
+still starting its sandbox while the Pod object already has its address).
 """
 
 from __future__ import annotations
@@ -48,29 +56,33 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import NetNS, netns
+from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_helper.kernel import NETNS_DIR, cgroup2_root, netns_argv, remove_netns
+from node_helper.kernel import NETNS_DIR, cgroup2_root, in_netns, netns_argv, remove_netns
 from node_helper.vm import Link
 
 PREFIX = "na"
 TAP_STANDIN_ALIAS = "netaccel-testbed-tap"
+TAP_NO_GUEST_ALIAS = "netaccel-testbed-tap-no-guest"
+GUESTS = ("netns", "qemu", "none")
 QEMU_DOMAIN_PREFIX = "netaccel-tb"
 GUEST_UDP_PORT = 7777  # QEMU guests send "netaccel-guest <ip>" here on pod0
 NODE_BRIDGE = "br0"
-MAX_PODS, MAX_VMS, MAX_QEMU_VMS = 80, 100, 55
+MAX_PODS, MAX_VMS, MAX_QEMU_VMS = 300, 100, 55
+FIRST_PLAN_PODS = 80  # pods 0..79 in 10.251.<k>.0/24, the others in 10.252.<k>.0/24
 _NS_RE = re.compile(rf"^{PREFIX}(\d+)-(node|pod(\d+)|vm(\d+)g?)$")
 CGROUP_PREFIX = "netaccel-lab-"
 CGROUP_DRIVERS = ("systemd", "cgroupfs")
 QOS_CLASSES = ("", "burstable", "besteffort")  # "" = Guaranteed
 RUNTIMES = ("cri-containerd-", "crio-", "docker-")
 LAUNCHER_SOCK = "volumes/kubernetes.io~empty-dir/sockets/launcher-sock"
+_UID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _POD_UID_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_]"
                          r"[0-9a-f]{12})")
 # virt-launcher's command socket, played by a process in the launcher's netns
@@ -132,6 +144,14 @@ def _addresses(k: int, host: int) -> tuple[str, str]:
     return f"10.251.{k}.{host}", f"fd00:6e61:{k:x}::{host:x}"
 
 
+def _pod_addresses(k: int, i: int) -> tuple[str, str, str]:
+    """Pod i's IPv4 and IPv6 addresses and its IPv4 gateway (module docstring)."""
+    v4, v6 = _addresses(k, 10 + i)
+    if i < FIRST_PLAN_PODS:
+        return v4, v6, _addresses(k, 1)[0]
+    return f"10.252.{k}.{10 + i - FIRST_PLAN_PODS}", v6, f"10.252.{k}.1"
+
+
 @dataclass
 class Testbed:
     """A built testbed; create with `Testbed.create`, find again with `Testbed.find`."""
@@ -172,7 +192,8 @@ class Testbed:
     def create(cls, pods: int = 2, vms: int = 0, number: int | None = None,
                guest: str = "netns", paused: bool = False,
                kubelet_root: str | Path | None = None,
-               cgroup_driver: str = "systemd") -> Testbed:
+               cgroup_driver: str = "systemd",
+               uids: Mapping[str, str | None] | None = None) -> Testbed:
         """Build a new testbed; on any failure, remove what was built and re-raise.
 
         guest="netns": each VM's guest is a network namespace behind a veth standing in for
@@ -180,11 +201,14 @@ class Testbed:
         sidecar's edited domain XML, on a real tap0, taking its address by DHCP from dnsmasq
         on k6t-eth0 (standing in for virt-launcher's DHCP server). With `paused`, QEMU guests
         wait with stopped vCPUs until `resume_qemu_guests()` (to set up a datapath first).
+        guest="none": tap0 is a real tun/tap with no guest behind it (many VMs, cheaply, whose
+        datapath the agent programs with its own tap classifier; no guest traffic).
         With `kubelet_root`, pods and launchers get UIDs, processes and a kubelet-style
         layout (cgroups named for `cgroup_driver`, launcher sockets; module docstring).
+        `uids` gives UIDs by name ("pod0", "vm1"); None there: no layout until `lay_out`.
         """
-        if guest not in ("netns", "qemu"):
-            raise TestbedError(f"guest must be 'netns' or 'qemu', not {guest!r}")
+        if guest not in GUESTS:
+            raise TestbedError(f"guest must be one of {', '.join(GUESTS)}, not {guest!r}")
         if cgroup_driver not in CGROUP_DRIVERS:
             raise TestbedError(f"cgroup_driver must be one of {', '.join(CGROUP_DRIVERS)}")
         # Address plan of 10.251.<k>.0/24: pods .10+i, VMs .100+j, QEMU guests' DHCP servers
@@ -206,16 +230,18 @@ class Testbed:
         bed = cls(number=number, cgroup_driver=cgroup_driver,
                   kubelet_root=Path(kubelet_root) if kubelet_root is not None else None)
         try:
-            bed._build_node()
+            bed._build_node(second_plan=pods > FIRST_PLAN_PODS)
             for i in range(pods):
                 bed._add_pod(i)
             for j in range(vms):
                 if guest == "qemu":
                     bed._add_qemu_vm(j, paused)
+                elif guest == "none":
+                    bed._add_tap_vm(j)
                 else:
                     bed._add_vm(j)
             if bed.kubelet_root is not None:
-                bed._kubelet_layout()
+                bed._kubelet_layout(uids or {})
         except BaseException:
             bed.destroy()
             raise
@@ -247,8 +273,9 @@ class Testbed:
             elif m.group(4) is not None and not name.endswith("g"):
                 j = int(m.group(4))
                 guest = f"{name}g" if (NETNS_DIR / f"{name}g").exists() else None
-                vm = bed._vm(j, guest, "netns" if guest else "qemu")
-                if not guest:
+                kind = "netns" if guest else "none" if _no_guest_tap(name) else "qemu"
+                vm = bed._vm(j, guest, kind)
+                if kind == "qemu":
                     vm.extra = {"domain": bed.domain_name(j)}
                 bed.vms.append(vm)
         bed.pods.sort(key=lambda p: p.name)
@@ -281,7 +308,7 @@ class Testbed:
 
     # --- building ---------------------------------------------------------
     def _pod(self, i: int) -> Pod:
-        v4, v6 = _addresses(self.number, 10 + i)
+        v4, v6, _ = _pod_addresses(self.number, i)
         return Pod(f"pod{i}", f"{PREFIX}{self.number}-pod{i}", v4, v6, f"pod{i}")
 
     def _vm(self, j: int, guest_netns: str | None, kind: str) -> Vm:
@@ -295,7 +322,7 @@ class Testbed:
             guest_kind=kind,
         )
 
-    def _build_node(self) -> None:
+    def _build_node(self, second_plan: bool = False) -> None:
         _new_netns(self.node_netns)
         with NetNS(self.node_netns) as ns:
             ns.link("add", ifname=NODE_BRIDGE, kind="bridge")
@@ -303,7 +330,11 @@ class Testbed:
             gw4, gw6 = _addresses(self.number, 1)
             ns.addr("add", index=br, address=gw4, prefixlen=24)
             ns.addr("add", index=br, address=gw6, prefixlen=64)
+            if second_plan:  # pods 80 and up: their /24's gateway, routed to the first
+                ns.addr("add", index=br, address=f"10.252.{self.number}.1", prefixlen=24)
             ns.link("set", index=br, state="up")
+        if second_plan:
+            write_sysctl(self.node_netns, "net/ipv4/ip_forward", "1")
 
     def _add_pod(self, i: int) -> None:
         pod = self._pod(i)
@@ -314,7 +345,8 @@ class Testbed:
             ns.addr("add", index=eth0, address=pod.ipv4, prefixlen=24)
             ns.addr("add", index=eth0, address=pod.ipv6, prefixlen=64)
             ns.link("set", index=eth0, state="up")
-            gw4, gw6 = _addresses(self.number, 1)
+            gw4 = _pod_addresses(self.number, i)[2]
+            gw6 = _addresses(self.number, 1)[1]
             ns.route("add", dst="default", gateway=gw4)
             ns.route("add", dst="default", gateway=gw6, family=10)
         self.pods.append(pod)
@@ -340,6 +372,18 @@ class Testbed:
         # placeholder: without accept_local the launcher drops what the guest sends it (ARP
         # for the DHCP server, a unicast renewal) as martians (measured: renewal fails).
         write_sysctl(vm.launcher_netns, f"net/ipv4/conf/{vm.bridge}/accept_local", "1")
+
+    def _add_tap_vm(self, j: int) -> None:
+        """A launcher netns whose tap0 is a real tun/tap with no guest behind it."""
+        vm = self._vm(j, None, "none")
+        self._add_launcher(vm)
+        # a tuntap link is made (ioctl) in the calling thread's netns
+        with in_netns(vm.launcher_netns), IPRoute() as ipr:
+            ipr.link("add", ifname=vm.tap, kind="tuntap", mode="tap")
+            tap = ipr.link_lookup(ifname=vm.tap)[0]
+            ipr.link("set", index=tap, ifalias=TAP_NO_GUEST_ALIAS)
+            ipr.link("set", index=tap, master=ipr.link_lookup(ifname=vm.bridge)[0], state="up")
+        self.vms.append(vm)
 
     def _add_vm(self, j: int) -> None:
         """A launcher netns and a netns guest behind tap0 (a veth standing in for the tap)."""
@@ -449,28 +493,45 @@ class Testbed:
         (cgroup / "cgroup.procs").write_text(str(proc.pid))
         return proc.pid
 
-    def _kubelet_layout(self) -> None:
-        assert self.kubelet_root is not None
-        for i, pod in enumerate(self.pods):
-            pod.uid = str(uuid.uuid4())
-            cg = self._pod_cgroup(pod.uid, i)
-            pod.cgroup = str(cg)
-            self._start_in_cgroup(pod.netns, ["sleep", "infinity"],
-                                  self._container_cgroup(cg, i))
-        for j, vm in enumerate(self.vms):
-            vm.uid = str(uuid.uuid4())
-            cg = self._pod_cgroup(vm.uid, len(self.pods) + j)
-            vm.cgroup = str(cg)
-            sock = self.kubelet_root / "pods" / vm.uid / LAUNCHER_SOCK
-            sock.parent.mkdir(parents=True, exist_ok=True)
-            vm.launcher_socket = str(sock)
-            self._start_in_cgroup(vm.launcher_netns, [sys.executable, "-c", _LISTENER, str(sock)],
-                                  self._container_cgroup(cg, len(self.pods) + j))
-            deadline = time.monotonic() + 10
-            while not sock.exists():
-                if time.monotonic() > deadline:
-                    raise TestbedError(f"{vm.name}: no launcher socket at {sock} after 10 s")
-                time.sleep(0.02)
+    def _kubelet_layout(self, uids: Mapping[str, str | None]) -> None:
+        for item in [*self.pods, *self.vms]:
+            uid = uids.get(item.name, "")
+            if uid is not None:
+                self.lay_out(item.name, uid or str(uuid.uuid4()))
+
+    def lay_out(self, name: str, uid: str) -> Pod | Vm:
+        """Lay pod or VM `name` ("pod3", "vm0") out as kubelet does, with pod UID `uid`: a
+        process in its netns inside a kubelet-style cgroup; for a VM also virt-launcher's
+        command socket. For testbeds with a kubelet_root; at most once per pod or VM."""
+        if self.kubelet_root is None:
+            raise TestbedError("this testbed has no kubelet_root: no kubelet layout")
+        items = [*self.pods, *self.vms]
+        index = next((n for n, item in enumerate(items) if item.name == name), None)
+        if index is None:
+            raise TestbedError(f"no pod or VM named {name!r} in testbed {self.number}")
+        item = items[index]
+        if item.uid:
+            raise TestbedError(f"{name} is laid out already (uid {item.uid})")
+        if not _UID_RE.match(uid):
+            raise TestbedError(f"{name}: pod UID {uid!r} is not a UUID")
+        item.uid = uid
+        cg = self._pod_cgroup(uid, index)
+        item.cgroup = str(cg)
+        if isinstance(item, Pod):
+            self._start_in_cgroup(item.netns, ["sleep", "infinity"],
+                                  self._container_cgroup(cg, index))
+            return item
+        sock = self.kubelet_root / "pods" / uid / LAUNCHER_SOCK
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        item.launcher_socket = str(sock)
+        self._start_in_cgroup(item.launcher_netns, [sys.executable, "-c", _LISTENER, str(sock)],
+                              self._container_cgroup(cg, index))
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{item.name}: no launcher socket at {sock} after 10 s")
+            time.sleep(0.02)
+        return item
 
     def _find_kubelet_layout(self) -> None:
         """UIDs, cgroups and sockets back from the processes (for `find`)."""
@@ -623,6 +684,14 @@ def destroy_all() -> list[int]:
     for number in numbers:
         destroy_number(number)
     return numbers
+
+
+def _no_guest_tap(launcher_netns: str) -> bool:
+    """Does the launcher's tap0 carry TAP_NO_GUEST_ALIAS (a guest="none" VM)?"""
+    with contextlib.suppress(OSError, IndexError, NetlinkError), NetNS(launcher_netns) as ns:
+        idx = ns.link_lookup(ifname="tap0")[0]
+        return ns.get_links(idx)[0].get("ifalias") == TAP_NO_GUEST_ALIAS
+    return False
 
 
 def _add_placeholder_link(ns: NetNS, ifname: str) -> None:

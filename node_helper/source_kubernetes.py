@@ -15,7 +15,11 @@ Watches resume from the last resourceVersion seen (events and bookmarks); a 410 
 version is no longer in the API server's history, e.g. after compaction or a restart)
 relists; any other failure (connection refused, 5xx, a broken stream) reconnects with
 exponential backoff and jitter. A 403 (RBAC) is not retried: `run()` logs it and raises
-`SourceError` naming the verb and resource the identity may not use. A missing VMI resource
+`SourceError` naming the verb and resource the identity may not use. Except for a while after
+a watch of that kind has worked: a kube-apiserver that has just (re)started serves requests
+before its RBAC caches are filled and answers 403 meanwhile (seen with v1.37: about a second
+after a restart), so a 403 there is retried with backoff for up to `forbidden_grace` (30 s)
+before it counts as a refusal. A missing VMI resource
 (404: KubeVirt not installed) counts as "no VMIs" and is retried slowly.
 
 How a pod becomes an Endpoint (`endpoints()`; a pure function of the three stores):
@@ -162,6 +166,7 @@ class _Kind:
     items: dict[str, dict[str, Any]] = field(default_factory=dict)
     rv: str | None = None
     synced: bool = False
+    watched: bool = False  # a watch of this kind has been accepted (RBAC allowed it once)
 
 
 class _Backoff:
@@ -222,7 +227,8 @@ class KubernetesSource:
 
     def __init__(self, node_name: str, api_client: Any, *, min_interval: float = 0.05,
                  backoff_initial: float = 0.2, backoff_max: float = 30.0,
-                 watch_timeout: int = 300, connect_timeout: float = 10.0) -> None:
+                 watch_timeout: int = 300, connect_timeout: float = 10.0,
+                 forbidden_grace: float = 30.0) -> None:
         from kubernetes import client
 
         if not node_name:
@@ -233,6 +239,7 @@ class KubernetesSource:
         self.min_interval = min_interval
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.watch_timeout, self.connect_timeout = watch_timeout, connect_timeout
+        self.forbidden_grace = forbidden_grace
         core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
         node_field = f"spec.nodeName={node_name}"
         node_label = f"{VMI_NODE_LABEL}={node_name}"
@@ -320,6 +327,7 @@ class KubernetesSource:
     def _run_kind(self, kind: _Kind, halt: threading.Event) -> None:
         backoff = _Backoff(self.backoff_initial, self.backoff_max)
         need_list = True
+        forbidden_since: float | None = None  # first 403 of a run of them after a watch worked
         while not halt.is_set():
             verb = "list" if need_list else "watch"
             try:
@@ -327,7 +335,9 @@ class KubernetesSource:
                     self._list(kind)
                     need_list = False
                     verb = "watch"
-                if self._watch(kind, halt):
+                delivered = self._watch(kind, halt)
+                forbidden_since = None
+                if delivered:
                     backoff.reset()
                 elif not halt.is_set():  # ended at once without a word: do not spin
                     halt.wait(backoff.next())
@@ -340,9 +350,19 @@ class KubernetesSource:
                     return
                 status = _status_of(exc)
                 if status == 403:
-                    self._refused(kind, verb, exc)
-                    halt.set()
-                    return
+                    now = time.monotonic()
+                    forbidden_since = forbidden_since or now
+                    if not kind.watched or now - forbidden_since >= self.forbidden_grace:
+                        self._refused(kind, verb, exc)
+                        halt.set()
+                        return
+                    self._count("errors")
+                    delay = backoff.next()
+                    log_event(logging.WARNING, "forbidden_retry", kind=kind.name, verb=verb,
+                              error=_api_message(exc), retry_in=f"{delay:.2f}s",
+                              hint="allowed before: an API server starting up?")
+                    halt.wait(delay)
+                    continue
                 if status == 410:
                     self._count("relists")
                     log_event(logging.INFO, "relist", kind=kind.name, reason=f"HTTP 410 on {verb}")
@@ -398,6 +418,7 @@ class KubernetesSource:
                          timeout_seconds=self.watch_timeout, _preload_content=False,
                          _request_timeout=(self.connect_timeout, self.watch_timeout + 30))
         self._open.add(resp)
+        kind.watched = True
         delivered = False
         try:
             if halt.is_set():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build (once) a kube-apiserver and an etcd for the test suite's real API server
-# (tests/k8s/apiserver.py starts them; `make test` runs this script first).
+# (lab/apiserver.py starts them; `make test` runs this script first).
 #
 #   kube-apiserver: built from the k8s.io/kubernetes module through a tiny build
 #     module (its own go.mod: require k8s.io/kubernetes vX.Y.Z plus a `replace`

@@ -156,8 +156,10 @@ def _apply(ns: NetNS, netns: str, devs: Devices, plans: list[DevicePlan], todo: 
 
 
 def accelerate(netns: str, interface: str = "eth0", datapath: str = "bpf",
-               checksum: str = "keep", is_tap: IsTap = is_real_tap) -> dict[str, Any]:
-    """Redirect tap <-> veth around the bridge (DHCP excepted); return the new status.
+               checksum: str = "keep", is_tap: IsTap = is_real_tap,
+               report: bool = True) -> dict[str, Any]:
+    """Redirect tap <-> veth around the bridge (DHCP excepted); return the new status
+    (with report=False: {}, saving the status read, a seventh of the call at 100 VMs).
 
     Idempotent: when the requested setup is already in place nothing is touched. Filters
     left by an earlier run (e.g. before a crash) are adopted: their in-kernel state keeps
@@ -185,7 +187,7 @@ def accelerate(netns: str, interface: str = "eth0", datapath: str = "bpf",
                 _apply(ns, netns, devs, plans, todo, launcher, cookie)
             if datapath != "bpf" and cookie is not None and bpf.pinned():
                 bpf.forget(cookie, [devs.tap, devs.veth])  # switched away from bpf
-        return status_of(ns, netns, interface, devs)
+        return status_of(ns, netns, interface, devs) if report else {}
 
 
 def restore(netns: str, interface: str = "eth0", is_tap: IsTap = is_real_tap) -> None:

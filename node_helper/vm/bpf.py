@@ -111,6 +111,11 @@ def _digest(cflags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def program_pinned() -> bool:
+    """Is the current program (this digest) pinned, so that `program()` compiles nothing?"""
+    return (pin_dir() / f"{PROG_PREFIX}{_digest(_cflags())}").exists()
+
+
 def pinned_programs() -> list[Path]:
     d = pin_dir()
     return sorted(d.glob(f"{PROG_PREFIX}*")) if d.is_dir() else []

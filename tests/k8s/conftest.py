@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.k8s import vmi_crd
-from tests.k8s.apiserver import APIServer, running_apiserver
+from lab import kube, vmi_crd
+from lab.apiserver import APIServer, running_apiserver
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "scripts" / "build-kube-apiserver.sh"
@@ -48,14 +48,7 @@ def vmi_crd_installed(apiserver: APIServer) -> dict[str, Any]:
 
 def api_client(api: APIServer, token: str) -> Any:
     """A kubernetes.client.ApiClient for `api` with a bearer token."""
-    from kubernetes import client
-
-    cfg = client.Configuration()
-    cfg.host = api.url
-    cfg.ssl_ca_cert = str(api.ca_file)
-    cfg.api_key = {"authorization": token}
-    cfg.api_key_prefix = {"authorization": "Bearer"}
-    return client.ApiClient(cfg)
+    return kube.api_client(api.url, api.ca_file, token)
 
 
 @pytest.fixture

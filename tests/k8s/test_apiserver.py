@@ -8,7 +8,7 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from tests.k8s.apiserver import APIServer, running_apiserver
+from lab.apiserver import APIServer, running_apiserver
 from tests.k8s.conftest import api_client, build_binaries
 
 

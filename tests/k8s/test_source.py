@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
+from lab.apiserver import APIServer
+from lab.kube import apply_rbac, service_account_token
 from node_helper.desired import ACCELERATE, VM_CHECKSUM, VM_DATAPATH, Endpoint, VmSettings
 from node_helper.source_kubernetes import KubernetesSource, SourceError
-from tests.k8s.apiserver import APIServer
 from tests.k8s.conftest import REPO, api_client
 from tests.k8s.kube import Cluster, Running, unique
 
@@ -172,33 +172,6 @@ def test_restart_and_compaction_relist_and_converge(
     assert src.source.stats["relists"] >= relists + 1, src.source.stats
 
 
-def _apply_rbac(admin: client.ApiClient, docs: list[dict[str, Any]]) -> None:
-    """Create the objects of deploy/rbac.yaml (or a variant) through the client."""
-    v1, rbac = client.CoreV1Api(admin), client.RbacAuthorizationV1Api(admin)
-    creators = {
-        "ServiceAccount": lambda d: v1.create_namespaced_service_account(
-            d["metadata"]["namespace"], d),
-        "ClusterRole": rbac.create_cluster_role,
-        "ClusterRoleBinding": rbac.create_cluster_role_binding,
-    }
-    for doc in docs:
-        creators[doc["kind"]](doc)
-
-
-def _ensure_namespace(admin: client.ApiClient, name: str) -> None:
-    try:
-        client.CoreV1Api(admin).create_namespace({"metadata": {"name": name}})
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-
-
-def _token(admin: client.ApiClient, ns: str, sa: str) -> str:
-    tr = client.CoreV1Api(admin).create_namespaced_service_account_token(
-        sa, ns, {"spec": {"expirationSeconds": 600}})
-    return tr.status.token
-
-
 def _rbac_docs() -> list[dict[str, Any]]:
     docs = [d for d in yaml.safe_load_all(Path(RBAC).read_text()) if d]
     assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding",
@@ -212,14 +185,14 @@ def test_rbac_yaml_service_account_can_run_the_source(
     docs = _rbac_docs()
     sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]
     assert (sa["name"], sa["namespace"]) == ("netaccel-node-helper", "netaccel")
-    _ensure_namespace(admin, "netaccel")
-    _apply_rbac(admin, docs)
+    apply_rbac(admin, docs)
     node = unique("node")
     ns = cluster.namespace(unique("rbac"))
     pod_uid = cluster.pod(ns, "p", node, [V4 + "60"], annotations={ACCELERATE: "true"})
     vmi_uid = cluster.vmi(ns, "vm", node, {ACCELERATE: "true"})
     _, launcher_uid = cluster.launcher(ns, "vm", vmi_uid, node, [V4 + "61"])
-    with api_client(apiserver, _token(admin, "netaccel", "netaccel-node-helper")) as agent:
+    token = service_account_token(admin, "netaccel", "netaccel-node-helper", 600)
+    with api_client(apiserver, token) as agent:
         src = run_source(node, agent)
         src.wait_for(lambda s: has(pod_uid, bypass=True)(s)
                      and has(launcher_uid, vm=VmSettings())(s), what="as the ServiceAccount")
@@ -240,9 +213,8 @@ def test_rbac_without_watch_fails_clearly(
         if doc["kind"] == "ClusterRoleBinding":
             doc["roleRef"]["name"] = name
             doc["subjects"][0]["name"] = name
-    _ensure_namespace(admin, "netaccel")
-    _apply_rbac(admin, docs)
-    with api_client(apiserver, _token(admin, "netaccel", name)) as agent:
+    apply_rbac(admin, docs)
+    with api_client(apiserver, service_account_token(admin, "netaccel", name, 600)) as agent:
         source = KubernetesSource(unique("node"), agent, backoff_max=1.0)
         published: list[Any] = []
         start = time.monotonic()

@@ -1,4 +1,5 @@
-"""A real etcd + kube-apiserver on loopback for tests (stdlib only).
+"""A real etcd + kube-apiserver on loopback for the tests and the lab's benchmarks (stdlib
+only).
 
 Usage::
 

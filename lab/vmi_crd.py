@@ -1,4 +1,4 @@
-"""KubeVirt's VirtualMachineInstance CRD for the test API server, derived from KubeVirt's OpenAPI.
+"""KubeVirt's VirtualMachineInstance CRD for the lab's API server, derived from KubeVirt's OpenAPI.
 
 KubeVirt publishes its API as an OpenAPI v2 document (api/openapi-spec/swagger.json in
 kubevirt/kubevirt). `structural_schema` turns one definition of it into a structural
@@ -14,11 +14,11 @@ differently rewritten:
   inlined; KubeVirt's definitions have no recursion) an object keeps its type and
   preserves unknown fields.
 
-The generated CRD is committed as kubevirt-vmi-crd.json next to this file (the suite does not
-depend on the KubeVirt checkout). Regenerate with:
+The generated CRD is committed as kubevirt-vmi-crd.json next to this file (the tests and
+`netaccel-lab bench node` do not depend on the KubeVirt checkout). Regenerate with:
 
-    python -m tests.k8s.vmi_crd /path/to/kubevirt/api/openapi-spec/swagger.json \\
-        > tests/k8s/kubevirt-vmi-crd.json
+    python -m lab.vmi_crd /path/to/kubevirt/api/openapi-spec/swagger.json \\
+        > lab/kubevirt-vmi-crd.json
 """
 
 from __future__ import annotations
