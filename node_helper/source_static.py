@@ -7,6 +7,7 @@
         ips: [10.244.1.5, fd00:10:244:1::5]         # status.podIPs (default none)
         netns: /proc/4242/ns/net                    # a path, or a name under /var/run/netns
         bypass: true                                # socket bypass for ips (default false)
+        no_bypass_ports: [8080]                     # local ports left on TCP ("all": every)
         vm:                                         # a virt-launcher pod: the VM datapath
           datapath: bpf                             # bpf (default) | mirror
           checksum: keep                            # keep (default) | off
