@@ -126,9 +126,17 @@ class Agent:
 
     def _splice_event(self, event: dict[str, Any]) -> None:
         """One reset connection: a metric, and a log line naming the pod."""
-        pod = next((ep.ident for ep in self._desired.values() if event["local"] in ep.ips),
-                   None)
+        owner = next((ep for ep in self._desired.values() if event["local"] in ep.ips), None)
+        pod = owner.ident if owner else None
         self.metrics.splice_resets.inc()
+        if owner is not None:
+            message = (f"netaccel reset connection {event['local']}:{event['lport']} <- "
+                       f"{event['remote']}:{event['rport']}: it was read with splice/sendfile "
+                       f"while {event['queued']} bypassed bytes were queued where splice "
+                       "cannot see them; this workload's new connections now use TCP")
+            for source in self.sources:
+                if hasattr(source, "report"):
+                    source.report(owner, "SocketBypassSpliceReset", message)
         log.warning("splice on a bypassed connection reset; the pod's workload now runs on TCP",
                     extra={"fields": {"event": "splice_reset", "pod": pod,
                                       "local": f"{event['local']}:{event['lport']}",

@@ -80,7 +80,10 @@ Publish = Callable[[DesiredState], None]
 
 
 class Source(Protocol):
-    """A source of desired state: calls `publish` with every new complete snapshot."""
+    """A source of desired state: calls `publish` with every new complete snapshot.
+
+    A source may also have `report(endpoint, reason, message)`, for what an operator should
+    see on the object itself (the Kubernetes source posts an Event on the pod)."""
 
     name: str
 

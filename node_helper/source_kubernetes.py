@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from node_helper import desired
@@ -260,6 +261,7 @@ class KubernetesSource:
             _Kind("namespaces", "namespaces", "cluster-wide", core.list_namespace,
                   trim_namespace, lambda o: _meta(o).get("name", "")),
         ]
+        self._core = core
         self._cond = threading.Condition()
         self._dirty = False
         self._fatal: SourceError | None = None
@@ -268,6 +270,26 @@ class KubernetesSource:
                                       "publishes": 0, "last_sync": None}
 
     # -- the Source protocol --------------------------------------------------------------
+
+    def report(self, ep: Endpoint, reason: str, message: str) -> None:
+        """A Warning Event on the pod (kubectl describe pod shows it); errors are logged."""
+        from kubernetes import client
+
+        now = datetime.now(UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{ep.name}.netaccel-",
+                                         namespace=ep.namespace),
+            involved_object=client.V1ObjectReference(kind="Pod", api_version="v1",
+                                                     namespace=ep.namespace, name=ep.name,
+                                                     uid=ep.uid),
+            reason=reason, message=message, type="Warning", count=1,
+            first_timestamp=now, last_timestamp=now,
+            source=client.V1EventSource(component="netaccel-node-helper", host=self.node_name),
+            reporting_component="netaccel-node-helper", reporting_instance=self.node_name)
+        try:
+            self._core.create_namespaced_event(ep.namespace, event)
+        except Exception as exc:  # noqa: BLE001 - an event is best effort; the log has it all
+            log.warning("cannot post an event on pod %s: %s", ep.ident, exc)
 
     def run(self, publish: Publish, stop: threading.Event) -> None:
         """Publish snapshots until `stop` is set; raises SourceError on an RBAC refusal."""

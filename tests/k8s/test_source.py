@@ -200,6 +200,23 @@ def test_rbac_yaml_service_account_can_run_the_source(
         src.stop()
 
 
+def test_report_posts_an_event_on_the_pod_as_the_service_account(
+        apiserver: APIServer, admin: client.ApiClient, cluster: Cluster) -> None:
+    """What the agent posts when the splice guard reset a pod's connection (issue 12)."""
+    apply_rbac(admin, _rbac_docs())
+    node = unique("node")
+    ns = cluster.namespace(unique("event"))
+    pod_uid = cluster.pod(ns, "p", node, [V4 + "70"], annotations={ACCELERATE: "true"})
+    token = service_account_token(admin, "netaccel", "netaccel-node-helper", 600)
+    with api_client(apiserver, token) as agent:
+        KubernetesSource(node, agent).report(Endpoint(pod_uid, ns, "p"),
+                                             "SocketBypassSpliceReset", "reset 10.0.0.1:80")
+    events = client.CoreV1Api(admin).list_namespaced_event(ns).items
+    assert [(e.reason, e.type, e.involved_object.kind, e.involved_object.uid, e.message)
+            for e in events] == [("SocketBypassSpliceReset", "Warning", "Pod", pod_uid,
+                                  "reset 10.0.0.1:80")]
+
+
 def test_rbac_without_watch_fails_clearly(
         apiserver: APIServer, admin: client.ApiClient, cluster: Cluster,
         caplog: pytest.LogCaptureFixture) -> None:
