@@ -94,6 +94,8 @@ struct splice_event {
 	__u32 queued;     /* redirected bytes unread at that moment */
 	__u32 pending;    /* 1: a redirect may have been in flight */
 	__u32 passive;
+	__u64 cookie;     /* the reader socket's cookie: the reset must hit exactly it (a lookup by
+	                   * 4-tuple alone falls back to the listener once it is closed) */
 };
 
 /* How long a sender's redirect decision may take to reach the receiver's queue: past this,

@@ -663,6 +663,7 @@ static __always_inline int guard_read(__u64 fd, __u64 want)
 	ev.queued = queued;
 	ev.pending = pending;
 	ev.passive = pv->passive;
+	ev.cookie = pv->cookie;
 	netaccel_events.push(&ev, BPF_EXIST);  /* full: drop the oldest */
 	return 0;
 }

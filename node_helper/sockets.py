@@ -391,6 +391,7 @@ def pop_splice_events(most: int = 256) -> list[dict[str, Any]]:
                 "rport": ev["rport"], "tgid": ev["tgid"], "tid": ev["tid"],
                 "netns_ino": ev["netns_ino"], "queued": ev["queued"],
                 "pending": bool(ev["pending"]), "passive": bool(ev["passive"]),
+                "cookie": ev["cookie"],
             })
     return events
 

@@ -41,15 +41,20 @@ def _words(ip: str) -> tuple[int, ...]:
     return tuple(int.from_bytes(packed[i:i + 4], "big") for i in range(0, 16, 4))
 
 
-def destroy(family: int, local: str, lport: int, remote: str, rport: int) -> int:
-    """SOCK_DESTROY one TCP socket of the calling thread's netns; 0 or the errno."""
+def destroy(family: int, local: str, lport: int, remote: str, rport: int,
+            cookie: int = INET_DIAG_NOCOOKIE) -> int:
+    """SOCK_DESTROY one TCP socket of the calling thread's netns; 0 or the errno.
+
+    Give the socket's cookie: by 4-tuple alone the kernel's lookup falls back to a listening
+    socket on the local address and port when the connection is gone (ESTALE with a cookie
+    that is not the found socket's)."""
     req = inet_diag_req()
     req["sdiag_family"] = family
     req["sdiag_protocol"] = socket.IPPROTO_TCP
     req["idiag_states"] = TCP_STATES_ALL
     req["idiag_sport"], req["idiag_dport"] = lport, rport
     req["idiag_src"], req["idiag_dst"] = _words(local), _words(remote)
-    req["idiag_cookie"] = INET_DIAG_NOCOOKIE
+    req["idiag_cookie"] = cookie  # u32 cookie[2], low word first: native order on LE
     try:
         with DiagSocket() as diag:
             diag.bind()
@@ -113,7 +118,7 @@ def _destroy_either(event: dict[str, Any]) -> int:
         tries.append((socket.AF_INET6, event["local"], event["remote"]))
     code = errno.ENOENT
     for family, local, remote in tries:
-        code = destroy(family, local, event["lport"], remote, event["rport"])
+        code = destroy(family, local, event["lport"], remote, event["rport"], event["cookie"])
         if code != errno.ENOENT:
             break
     return code

@@ -358,7 +358,11 @@ def _forwarder(pod: Pod, listen_port: int, upstream: tuple[str, int]) -> Iterato
 def test_go_splice_forwarder(testbed: Testbed, mode: str) -> None:
     """Clients in pod0 -> Go splice forwarder in pod1 -> echo server in pod2, 50 at once: each
     ends correct or with an immediate error, none hangs. Then (after the first detection)
-    50 more are all correct. Meanwhile 20 direct pod0 -> pod2 connections stay correct."""
+    50 more are all correct. Meanwhile 20 direct pod0 -> pod2 connections stay correct.
+
+    One first-wave outcome is the documented limit (docs/socket-api.md), allowed for the
+    half-closing clients only: a client that sent and closed before the forwarder's first
+    splice gets the premature end of file tcp_splice_read returns inside that call."""
     client, fwd, server = testbed.pods[:3]
     port, fport = next_port(), next_port()
     ls = listen(server, "ipv4", port)
@@ -383,7 +387,9 @@ def test_go_splice_forwarder(testbed: Testbed, mode: str) -> None:
         srv_thread.join(2)
     report = {"first": first.tally(), "after detection": second.tally(),
               "direct pod0->pod2": direct.tally()}
-    assert all(o.ok for o in first.outcomes), report
+    limit = [k for k, o in enumerate(first.outcomes) if o.what.startswith("eof")]
+    assert all(k % 2 == 0 for k in limit), report  # half-closing clients only (k even)
+    assert all(o.ok for k, o in enumerate(first.outcomes) if k not in limit), report
     assert all(o.what == "correct" for o in second.outcomes), report
     assert len(direct.outcomes) == 20 and all(o.what == "correct" for o in direct.outcomes), \
         report

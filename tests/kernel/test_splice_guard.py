@@ -18,13 +18,15 @@ from collections.abc import Iterator
 import pytest
 
 from lab.testbed import Testbed
-from node_helper import sockets
+from node_helper import sockets, splice_guard
 
 from .conftest import (
     FAMILIES,
     Bypass,
+    client_socket,
     connected_pair,
     delta,
+    listen,
     next_port,
     splice_guard_running,
 )
@@ -182,3 +184,33 @@ def test_sendfile_from_a_bypassed_socket_is_guarded_too(testbed: Testbed, bypass
                                   errno.EAGAIN, None)
     d = delta(before, bypass.counters())
     assert d["splice_seen"] == 1 and d["splice_doomed"] == 1, d
+
+
+def test_a_reset_never_hits_the_listener(testbed: Testbed) -> None:
+    """The reader socket may be gone when the reset comes (its application closed it after
+    the premature end of file). By 4-tuple alone the kernel would then find the listening
+    socket on that address and port and destroy it; the cookie makes the reset miss."""
+    import struct as _struct
+
+    from node_helper import kernel
+
+    pod0, pod1 = testbed.pods[:2]
+    port = next_port()
+    with listen(pod1, "ipv4", port) as ls:
+        cl = client_socket(pod0, "ipv4")
+        cl.connect((pod1.ipv4, port))
+        srv, _ = ls.accept()
+        cookie = _struct.unpack("=Q", srv.getsockopt(socket.SOL_SOCKET, 57, 8))[0]  # SO_COOKIE
+        rport = cl.getsockname()[1]
+        cl.close()  # the client first: its side keeps TIME_WAIT, the server's is then gone
+        srv.close()
+        time.sleep(0.2)  # LAST_ACK -> closed
+        code = splice_guard._in_netns(str(kernel.NETNS_DIR / pod1.netns), splice_guard.destroy,
+                                      socket.AF_INET, pod1.ipv4, port, pod0.ipv4, rport, cookie)
+        assert code in (errno.ENOENT, errno.ESTALE), code
+        again = client_socket(pod0, "ipv4")
+        with again:
+            again.settimeout(5)
+            again.connect((pod1.ipv4, port))  # the listener is alive
+            ls.settimeout(5)
+            ls.accept()[0].close()
