@@ -1,9 +1,9 @@
 """netaccel-lab: the lab's command line (testbed, benchmarks).
 
     netaccel-lab testbed up [--pods N] [--vms M] [--guest netns|qemu] [--kubelet-root DIR]
-                            [--cgroup-driver systemd|cgroupfs] | status | down
+                            [--cgroup-driver systemd|cgroupfs] [--mesh] | status | down
     netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
-    netaccel-lab bench pods|vm [--quick] [--rounds R] [--json FILE] [--plot FILE.png]
+    netaccel-lab bench pods|vm|mesh [--quick] [--rounds R] [--json FILE] [--plot FILE.png]
 
 Exit codes as `netaccel` (node_helper.exitcodes).
 """
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab import bench, testbed
+from lab import bench, mesh, testbed
 from node_helper import exitcodes
 from node_helper.cli import print_json
 
@@ -33,8 +33,9 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     if args.action == "up":
         bed = testbed.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest,
                                      kubelet_root=args.kubelet_root,
-                                     cgroup_driver=args.cgroup_driver)
-        print(f"testbed {bed.number} up: {len(bed.pods)} pods, {len(bed.vms)} VMs "
+                                     cgroup_driver=args.cgroup_driver, mesh=args.mesh)
+        print(f"testbed {bed.number} up: {len(bed.pods)} pods"
+              f"{' with sidecars (mesh)' if args.mesh else ''}, {len(bed.vms)} VMs "
               f"({args.guest} guests)", file=sys.stderr)
         print(bed.to_json())
         return exitcodes.OK
@@ -52,7 +53,11 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     else:
         print(f"testbed {bed.number} (node netns {bed.node_netns})")
         for p in bed.pods:
-            print(f"  pod {p.name:6s} netns {p.netns:14s} {p.ipv4:16s} {p.ipv6}")
+            sidecar = ""
+            if p.mesh:
+                sidecar = f"  sidecar pid {p.sidecar_pid}" if p.sidecar_pid else \
+                    "  sidecar NOT RUNNING"
+            print(f"  pod {p.name:6s} netns {p.netns:14s} {p.ipv4:16s} {p.ipv6}{sidecar}")
         for v in bed.vms:
             print(f"  vm  {v.name:6s} launcher {v.launcher_netns:12s} guest "
                   f"{v.guest_netns or v.guest_kind:14s} {v.ipv4}")
@@ -118,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubelet-root", metavar="DIR",
                    help="up: lay pods out as kubelet does (UIDs, cgroups, launcher sockets)")
     p.add_argument("--cgroup-driver", choices=testbed.CGROUP_DRIVERS, default="systemd")
+    p.add_argument("--mesh", action="store_true",
+                   help="up: every pod gets an Istio-style sidecar (HAProxy as UID 1337, "
+                   "Istio's redirect rules; IPv4 only), see docs/mesh.md")
     p.add_argument("--number", type=int, help="status/down: which testbed (when several)")
     p.add_argument("--all", action="store_true", help="down: remove every testbed")
     p.add_argument("--json", action="store_true")
@@ -146,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return exitcodes.run("netaccel-lab", args.func, args,
-                         failures=(testbed.TestbedError, bench.BenchError))
+                         failures=(testbed.TestbedError, bench.BenchError, mesh.MeshError))
 
 
 if __name__ == "__main__":
