@@ -93,7 +93,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  ("kernel TCP path (baseline)", "socket bypass")),
         "vm": (bench.bench_vm, "VM guest -> pod: in-pod bridge vs tc redirect variants (qperf)",
                ("in-pod bridge (baseline)", "accelerated")),
+        "mesh": (bench.bench_mesh, "meshed pods, app -> sidecar -> sidecar -> app (qperf)",
+                 ("mesh, kernel path (baseline)", "mesh + socket bypass",
+                  "same pods, no mesh (floor)")),
     }[args.target]
+    if args.target == "mesh":
+        meta["mesh"] = mesh.describe()
     meta["cpu_idle"] = {
         "policy": args.cpu_idle,
         "cpu_dma_latency_0us_for": [t for t in ("tcp_lat", "tcp_bw", "udp_lat", "udp_bw")
@@ -131,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_testbed)
     p = sub.add_parser("bench", help="qperf benchmarks on the testbed, side by side")
-    p.add_argument("target", choices=["pods", "vm"])
+    p.add_argument("target", choices=["pods", "vm", "mesh"])
     p.add_argument("--quick", action="store_true", help="64 B, 1 KiB, 16 KiB at 2 s a point")
     p.add_argument("--seconds", type=float, help="seconds per point (default 3, quick 2)")
     p.add_argument("--rounds", type=_positive_int, default=1,

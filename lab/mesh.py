@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from node_helper.kernel import netns_argv
 
@@ -110,6 +112,10 @@ frontend health
 """
 
 
+# The proxies this process started, by netns: reaped when stopped (no zombies left behind).
+_children: dict[str, subprocess.Popen] = {}
+
+
 class MeshError(RuntimeError):
     """A sidecar could not be set up; the message says why."""
 
@@ -163,6 +169,7 @@ def start_proxy(netns: str, timeout: float = 10.0) -> int:
                                 "-p", str(pidfile)],
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                         start_new_session=True)
+    _children[netns] = proc
     deadline = time.monotonic() + timeout
     while not proxy_pid(netns):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -189,6 +196,12 @@ def stop_proxy(netns: str, timeout: float = 5.0) -> None:
     for p in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+    child = _children.pop(netns, None)
+    if child is not None:
+        with contextlib.suppress(OSError):
+            child.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout)
     deadline = time.monotonic() + timeout
     while any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in pids):
         if time.monotonic() > deadline:
@@ -210,14 +223,47 @@ def mesh_pod(netns: str) -> int:
     return start_proxy(netns)
 
 
+_LOG_RE = re.compile(r"^conn (\S+) (\S+):(\d+)>(\S+):(\d+) (\S+):(\d+)>(\S+):(\d+) "
+                     r"bytes=(\d+) term=(\S+)$")
+
+
+def parse_log(netns: str) -> list[dict[str, Any]]:
+    """The sidecar's proxied connections so far (HAProxy logs one when it closes), oldest
+    first: {"frontend": "outbound"|"inbound", "client": (ip, port), "local": (ip, port),
+    "source": (ip, port), "server": (ip, port), "bytes": int, "term": str}. `local` is the
+    accepted connection's original destination (SO_ORIGINAL_DST), `source` -> `server` the
+    connection the proxy made."""
+    try:
+        text = (pod_dir(netns) / "haproxy.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        if m := _LOG_RE.match(line):
+            g = m.groups()
+            out.append({"frontend": g[0], "client": (g[1], int(g[2])),
+                        "local": (g[3], int(g[4])), "source": (g[5], int(g[6])),
+                        "server": (g[7], int(g[8])), "bytes": int(g[9]), "term": g[10]})
+    return out
+
+
+def describe() -> dict[str, object]:
+    """What the sidecars are, for a benchmark's JSON meta."""
+    version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout
+    return {"proxy": version.splitlines()[0] if version else "haproxy (unknown version)",
+            "nbthread": 1, "uid": PROXY_UID, "redirect": "istio-iptables REDIRECT (iptables-nft)",
+            "outbound_port": OUTBOUND_PORT, "inbound_port": INBOUND_PORT,
+            "inbound_source": INBOUND_PASSTHROUGH_SOURCE, "ipv6": False}
+
+
 def remove_all(prefix: str) -> None:
-    """Kill the proxies whose folders start with `prefix` (e.g. "na7-") and remove the
-    folders. Their netns going kills them too; this also covers a netns already gone."""
+    """Kill the proxies whose folders start with `prefix` (e.g. "na7-"), wait until they are
+    gone, and remove the folders (the rules go with the netns)."""
     if not MESH_DIR.is_dir():
         return
-    for d in MESH_DIR.glob(f"{prefix}*"):
-        pid = proxy_pid(d.name)
-        if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(d, ignore_errors=True)
+    try:
+        for d in MESH_DIR.glob(f"{prefix}*"):
+            stop_proxy(d.name)
+    finally:
+        for d in MESH_DIR.glob(f"{prefix}*"):
+            shutil.rmtree(d, ignore_errors=True)

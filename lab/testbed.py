@@ -563,16 +563,16 @@ def existing_numbers() -> list[int]:
 
 def destroy_number(number: int) -> None:
     """Remove testbed `number`: its QEMU guests, then every namespace named for it (and what
-    runs inside: the sidecars' proxies; their rules go with the netns), the sidecars'
-    folders, then its kubelet-style cgroups."""
+    runs inside; the sidecars' proxies first, waited for, and their folders; their rules go
+    with the netns), then its kubelet-style cgroups."""
     _destroy_qemu_guests(number)
     ours = [n for n in netns.listnetns() if (m := _NS_RE.match(n)) and int(m.group(1)) == number]
     sockets = _launcher_sockets(ours)
     try:
+        mesh_mod.remove_all(f"{PREFIX}{number}-")
+    finally:
         for name in ours:
             remove_netns(name)
-    finally:
-        mesh_mod.remove_all(f"{PREFIX}{number}-")
     remove_cgroups(number)
     for sock in sockets:  # <kubelet_root>/pods/<uid>/volumes/kubernetes.io~empty-dir/sockets/
         shutil.rmtree(sock.parents[3], ignore_errors=True)
