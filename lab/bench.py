@@ -280,8 +280,12 @@ def bench_mesh(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
 
         try:
             for n, (test, size) in enumerate(points, 1):
-                def measure(_variant: str, test: str = test, size: int = size) -> float:
-                    return run_qperf(client.netns, server.ipv4, test, size, seconds)
+                def measure(variant: str, test: str = test, size: int = size) -> float:
+                    try:
+                        return run_qperf(client.netns, server.ipv4, test, size, seconds)
+                    except BenchError as exc:  # seen once in ~100 runs, retried once, said
+                        progress(f"  {variant} {test} {human_size(size)}: {exc}; retrying once")
+                        return run_qperf(client.netns, server.ipv4, test, size, seconds)
 
                 with cpus_kept_awake(keep_awake_for(test, cpu_idle)):
                     fig = measure_point(MESH_VARIANTS, apply, measure, n, rounds)
