@@ -170,8 +170,11 @@ def stderr_progress(message: str) -> None:
 
 
 @contextmanager
-def testbed_for(pods: int, vms: int = 0) -> Iterator[Testbed]:
+def testbed_for(pods: int, vms: int = 0, mesh: bool = False) -> Iterator[Testbed]:
     """Use the testbed that is up if it has enough pods/VMs, else build one and remove it after.
+
+    With `mesh` the pods used must be meshed with their sidecars running, without it they must
+    not be meshed (a benchmark of the plain path must not cross proxies).
 
     The yields stay outside the `try`: an error of the caller's block must reach the caller,
     not be taken for "no testbed is up" (which made contextlib report "generator didn't stop
@@ -182,10 +185,11 @@ def testbed_for(pods: int, vms: int = 0) -> Iterator[Testbed]:
     except tb_mod.TestbedError:
         pass
     if found is not None and len(found.pods) >= pods \
-            and len([v for v in found.vms if v.guest_netns]) >= vms:
+            and len([v for v in found.vms if v.guest_netns]) >= vms \
+            and all(p.mesh == mesh and (p.sidecar_pid or not mesh) for p in found.pods[:pods]):
         yield found
         return
-    with Testbed.create(pods=pods, vms=vms) as bed:
+    with Testbed.create(pods=pods, vms=vms, mesh=mesh) as bed:
         yield bed
 
 
@@ -242,6 +246,60 @@ def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                          f"floor {row.floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
         finally:
             sockets.disable()
+    return rows
+
+
+MESH_VARIANTS = ("baseline", "accelerated", "floor")
+
+
+def bench_mesh(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
+               tests: Sequence[str] = ("tcp_lat", "tcp_bw"), rounds: int = 1,
+               cpu_idle: str = "auto", progress: ProgressFn = stderr_progress) -> list[Row]:
+    """qperf from an app in one meshed pod to an app in another, through both sidecars.
+
+    Variants, alternating (ABBA) on the same two pods in one run:
+      baseline     the mesh on the kernel path (Istio's rules, both HAProxy sidecars)
+      accelerated  the mesh with the socket bypass on for the pods' addresses
+      floor        the same pods without the mesh: rules removed, the proxies idle, kernel path
+    qperf's control connection (19765) and its data connection (a port the server picks and
+    tells the client) are both REDIRECTed: every outbound TCP port is (docs/mesh.md).
+    With rounds > 1 every figure is the median of that many alternating measurements."""
+    from node_helper import sockets
+
+    points = [(t, s) for s in sizes for t in tests]
+    rows: list[Row] = []
+    with testbed_for(pods=2, mesh=True) as bed, qperf_server(bed.pods[1].netns):
+        client, server, cidrs = bed.pods[0], bed.pods[1], bed.pod_cidrs()
+
+        def apply(variant: str) -> None:
+            bed.mesh_redirect(variant != "floor")
+            if variant == "accelerated":
+                sockets.enable(cidrs)
+            else:
+                sockets.disable()
+
+        try:
+            for n, (test, size) in enumerate(points, 1):
+                def measure(variant: str, test: str = test, size: int = size) -> float:
+                    try:
+                        return run_qperf(client.netns, server.ipv4, test, size, seconds)
+                    except BenchError as exc:  # seen once in ~100 runs, retried once, said
+                        progress(f"  {variant} {test} {human_size(size)}: {exc}; retrying once")
+                        return run_qperf(client.netns, server.ipv4, test, size, seconds)
+
+                with cpus_kept_awake(keep_awake_for(test, cpu_idle)):
+                    fig = measure_point(MESH_VARIANTS, apply, measure, n, rounds)
+                row = Row(test, size, UNITS[test], fig["baseline"], fig["accelerated"],
+                          fig["floor"], fig["accelerated"] / fig["baseline"])
+                rows.append(row)
+                progress(f"[{n}/{len(points)}] {test:7s} {human_size(size):>6s}  "
+                         f"mesh {row.baseline:9.2f}  mesh+bypass {row.accelerated:9.2f}  "
+                         f"no mesh {row.floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
+        finally:
+            try:
+                sockets.disable()
+            finally:
+                bed.mesh_redirect(True)
     return rows
 
 
@@ -336,7 +394,7 @@ def write_json(rows: Sequence[Row], path: Path | TextIO, meta: dict[str, Any]) -
 
 def plot(rows: Sequence[Row], path: Path, title: str,
          baseline_label: str = "kernel path (baseline)",
-         accelerated_label: str = "accelerated") -> None:
+         accelerated_label: str = "accelerated", floor_label: str = "AF_UNIX floor") -> None:
     """One panel per test: absolute figures against message size (log x), two per row."""
     import matplotlib
 
@@ -359,7 +417,7 @@ def plot(rows: Sequence[Row], path: Path, title: str,
             ax.plot(sizes, [pts[s].accelerated for s in sizes], "s-",
                     label=variant or accelerated_label)
         if any(r.floor is not None for r in sel):
-            ax.plot(sizes, [first[s].floor for s in sizes], "^--", label="AF_UNIX floor")
+            ax.plot(sizes, [first[s].floor for s in sizes], "^--", label=floor_label)
         ax.set_xscale("log", base=2)
         if test.endswith("_bw"):
             ax.set_yscale("log")

@@ -1,9 +1,9 @@
 """netaccel-lab: the lab's command line (testbed, benchmarks).
 
     netaccel-lab testbed up [--pods N] [--vms M] [--guest netns|qemu] [--kubelet-root DIR]
-                            [--cgroup-driver systemd|cgroupfs] | status | down
+                            [--cgroup-driver systemd|cgroupfs] [--mesh] | status | down
     netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
-    netaccel-lab bench pods|vm [--quick] [--rounds R] [--json FILE] [--plot FILE.png]
+    netaccel-lab bench pods|vm|mesh [--quick] [--rounds R] [--json FILE] [--plot FILE.png]
     netaccel-lab bench node [--quick] [--pods N] [--vms M] [--json FILE]   the agent at scale
 
 Exit codes as `netaccel` (node_helper.exitcodes).
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab import bench, testbed
+from lab import bench, mesh, testbed
 from node_helper import exitcodes
 from node_helper.cli import print_json
 
@@ -35,8 +35,9 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     if args.action == "up":
         bed = testbed.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest,
                                      kubelet_root=args.kubelet_root,
-                                     cgroup_driver=args.cgroup_driver)
-        print(f"testbed {bed.number} up: {len(bed.pods)} pods, {len(bed.vms)} VMs "
+                                     cgroup_driver=args.cgroup_driver, mesh=args.mesh)
+        print(f"testbed {bed.number} up: {len(bed.pods)} pods"
+              f"{' with sidecars (mesh)' if args.mesh else ''}, {len(bed.vms)} VMs "
               f"({args.guest} guests)", file=sys.stderr)
         print(bed.to_json())
         return exitcodes.OK
@@ -54,7 +55,11 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     else:
         print(f"testbed {bed.number} (node netns {bed.node_netns})")
         for p in bed.pods:
-            print(f"  pod {p.name:6s} netns {p.netns:14s} {p.ipv4:16s} {p.ipv6}")
+            sidecar = ""
+            if p.mesh:
+                sidecar = f"  sidecar pid {p.sidecar_pid}" if p.sidecar_pid else \
+                    "  sidecar NOT RUNNING"
+            print(f"  pod {p.name:6s} netns {p.netns:14s} {p.ipv4:16s} {p.ipv6}{sidecar}")
         for v in bed.vms:
             print(f"  vm  {v.name:6s} launcher {v.launcher_netns:12s} guest "
                   f"{v.guest_netns or v.guest_kind:14s} {v.ipv4}")
@@ -105,7 +110,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  ("kernel TCP path (baseline)", "socket bypass")),
         "vm": (bench.bench_vm, "VM guest -> pod: in-pod bridge vs tc redirect variants (qperf)",
                ("in-pod bridge (baseline)", "accelerated")),
+        "mesh": (bench.bench_mesh, "meshed pods, app -> sidecar -> sidecar -> app (qperf)",
+                 ("mesh, kernel path (baseline)", "mesh + socket bypass",
+                  "same pods, no mesh (floor)")),
     }[args.target]
+    if args.target == "mesh":
+        meta["mesh"] = mesh.describe()
     meta["cpu_idle"] = {
         "policy": args.cpu_idle,
         "cpu_dma_latency_0us_for": [t for t in ("tcp_lat", "tcp_bw", "udp_lat", "udp_bw")
@@ -135,13 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubelet-root", metavar="DIR",
                    help="up: lay pods out as kubelet does (UIDs, cgroups, launcher sockets)")
     p.add_argument("--cgroup-driver", choices=testbed.CGROUP_DRIVERS, default="systemd")
+    p.add_argument("--mesh", action="store_true",
+                   help="up: every pod gets an Istio-style sidecar (HAProxy as UID 1337, "
+                   "Istio's redirect rules; IPv4 only), see docs/mesh.md")
     p.add_argument("--number", type=int, help="status/down: which testbed (when several)")
     p.add_argument("--all", action="store_true", help="down: remove every testbed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_testbed)
     p = sub.add_parser("bench", help="qperf benchmarks on the testbed, side by side; node: "
                        "the agent programming many pods and VMs from a real API server")
-    p.add_argument("target", choices=["pods", "vm", "node"])
+    p.add_argument("target", choices=["pods", "vm", "mesh", "node"])
     p.add_argument("--quick", action="store_true", help="64 B, 1 KiB, 16 KiB at 2 s a point "
                    f"(node: {bench.QUICK_NODE_PODS} pods, {bench.QUICK_NODE_VMS} VMs)")
     p.add_argument("--pods", type=_positive_int,
@@ -170,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return exitcodes.run("netaccel-lab", args.func, args,
-                         failures=(testbed.TestbedError, bench.BenchError))
+                         failures=(testbed.TestbedError, bench.BenchError, mesh.MeshError))
 
 
 if __name__ == "__main__":

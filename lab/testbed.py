@@ -64,6 +64,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from lab import mesh as mesh_mod
 from node_helper.kernel import NETNS_DIR, cgroup2_root, in_netns, netns_argv, remove_netns
 from node_helper.vm import Link
 
@@ -119,6 +120,8 @@ class Pod:
     host_veth: str  # the node-side veth on br0
     uid: str = ""  # with kubelet_root: the pod UID and its kubelet-style cgroup
     cgroup: str = ""
+    mesh: bool = False  # with mesh: an Istio-style sidecar (lab/mesh.py)
+    sidecar_pid: int = 0  # its HAProxy master while it runs (0: no sidecar, or it died)
 
 
 @dataclass
@@ -193,7 +196,7 @@ class Testbed:
                guest: str = "netns", paused: bool = False,
                kubelet_root: str | Path | None = None,
                cgroup_driver: str = "systemd",
-               uids: Mapping[str, str | None] | None = None) -> Testbed:
+               uids: Mapping[str, str | None] | None = None, mesh: bool = False) -> Testbed:
         """Build a new testbed; on any failure, remove what was built and re-raise.
 
         guest="netns": each VM's guest is a network namespace behind a veth standing in for
@@ -206,6 +209,8 @@ class Testbed:
         With `kubelet_root`, pods and launchers get UIDs, processes and a kubelet-style
         layout (cgroups named for `cgroup_driver`, launcher sockets; module docstring).
         `uids` gives UIDs by name ("pod0", "vm1"); None there: no layout until `lay_out`.
+        With `mesh`, every pod gets an Istio-style sidecar: HAProxy as UID 1337 in its netns
+        and Istio's redirection rules (lab/mesh.py, docs/mesh.md).
         """
         if guest not in GUESTS:
             raise TestbedError(f"guest must be one of {', '.join(GUESTS)}, not {guest!r}")
@@ -230,6 +235,7 @@ class Testbed:
         bed = cls(number=number, cgroup_driver=cgroup_driver,
                   kubelet_root=Path(kubelet_root) if kubelet_root is not None else None)
         try:
+            mesh_mod.remove_all(f"{PREFIX}{number}-")  # sidecar folders left by a crash
             bed._build_node(second_plan=pods > FIRST_PLAN_PODS)
             for i in range(pods):
                 bed._add_pod(i)
@@ -242,6 +248,9 @@ class Testbed:
                     bed._add_vm(j)
             if bed.kubelet_root is not None:
                 bed._kubelet_layout(uids or {})
+            if mesh:
+                for pod in bed.pods:
+                    bed.mesh_pod(pod)
         except BaseException:
             bed.destroy()
             raise
@@ -269,7 +278,10 @@ class Testbed:
             if not m or int(m.group(1)) != number:
                 continue
             if m.group(3) is not None:
-                bed.pods.append(bed._pod(int(m.group(3))))
+                pod = bed._pod(int(m.group(3)))
+                pod.mesh = mesh_mod.is_meshed(pod.netns)
+                pod.sidecar_pid = mesh_mod.proxy_pid(pod.netns)
+                bed.pods.append(pod)
             elif m.group(4) is not None and not name.endswith("g"):
                 j = int(m.group(4))
                 guest = f"{name}g" if (NETNS_DIR / f"{name}g").exists() else None
@@ -466,6 +478,28 @@ class Testbed:
             br = ns.link_lookup(ifname=NODE_BRIDGE)[0]
             ns.link("set", index=idx, master=br, state="up")
 
+    # --- the service mesh (lab/mesh.py) ---------------------------------------
+    def mesh_pod(self, pod: Pod) -> None:
+        """Give the pod its sidecar: Istio's rules and HAProxy as UID 1337."""
+        pod.mesh = True  # first: a half-built sidecar is still torn down with the testbed
+        pod.sidecar_pid = mesh_mod.mesh_pod(pod.netns)
+
+    def stop_sidecar(self, pod: Pod) -> None:
+        """Kill the pod's proxy and keep its rules: a pod whose sidecar is missing."""
+        mesh_mod.stop_proxy(pod.netns)
+        pod.sidecar_pid = 0
+
+    def start_sidecar(self, pod: Pod) -> None:
+        """Start a meshed pod's proxy again (after `stop_sidecar`)."""
+        pod.sidecar_pid = mesh_mod.start_proxy(pod.netns)
+
+    def mesh_redirect(self, on: bool) -> None:
+        """Load (on) or remove (off) the redirection rules of every meshed pod; the proxies
+        keep running. Off, the meshed pods talk over the plain kernel path."""
+        for pod in self.pods:
+            if pod.mesh:
+                mesh_mod.redirect(pod.netns, on)
+
     # --- the kubelet-style layout -------------------------------------------
     def _pod_cgroup(self, uid: str, i: int) -> Path:
         """kubelet's pod cgroup for the testbed's cgroup driver; QoS class by index."""
@@ -590,12 +624,16 @@ def existing_numbers() -> list[int]:
 
 def destroy_number(number: int) -> None:
     """Remove testbed `number`: its QEMU guests, then every namespace named for it (and what
-    runs inside), then its kubelet-style cgroups."""
+    runs inside; the sidecars' proxies first, waited for, and their folders; their rules go
+    with the netns), then its kubelet-style cgroups."""
     _destroy_qemu_guests(number)
     ours = [n for n in netns.listnetns() if (m := _NS_RE.match(n)) and int(m.group(1)) == number]
     sockets = _launcher_sockets(ours)
-    for name in ours:
-        remove_netns(name)
+    try:
+        mesh_mod.remove_all(f"{PREFIX}{number}-")
+    finally:
+        for name in ours:
+            remove_netns(name)
     remove_cgroups(number)
     for sock in sockets:  # <kubelet_root>/pods/<uid>/volumes/kubernetes.io~empty-dir/sockets/
         shutil.rmtree(sock.parents[3], ignore_errors=True)

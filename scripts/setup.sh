@@ -9,6 +9,7 @@ APT_PACKAGES=(
   linux-headers-amd64                                       # fallback headers for bcc
   iproute2 ethtool bpftool clang                            # inspection, doctor
   qperf sockperf iperf3 gcc                                 # benchmarks, AF_UNIX floor tool
+  iptables nftables haproxy                                 # testbed mesh: sidecar rules, proxy
   liburing-dev                                              # socket API tests: io_uring helper
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
   dnsmasq-base busybox-static cpio kmod socat               # testbed guests and DHCP

@@ -92,7 +92,8 @@ def test_testbed_for_hands_the_blocks_error_to_the_caller(monkeypatch) -> None: 
     from lab import bench
     from lab.testbed import TestbedError
 
-    up = bench.Testbed(number=1, pods=[object(), object()])  # type: ignore[list-item]
+    up = bench.Testbed(number=1)
+    up.pods = [up._pod(0), up._pod(1)]  # described only: no namespaces
     monkeypatch.setattr(bench.Testbed, "find", classmethod(lambda cls, number=None: up))
     with pytest.raises(TestbedError, match="from the block"), bench.testbed_for(pods=2) as bed:
         assert bed is up
