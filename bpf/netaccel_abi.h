@@ -49,12 +49,21 @@ struct bypass_counters {
 	__u64 splice_doomed;       /* ... with bytes queued or in flight: reset by user space */
 	__u64 doomed_drops;        /* sender messages refused on a doomed connection */
 	__u64 waitall_short;       /* MSG_WAITALL reads the queue could not fill: early return */
+	__u64 demote_candidates;   /* directions that streamed small messages one-way: queued for
+	                            * demotion (their socket leaves the sockhash; DEMOTION) */
+	__u64 fallback_dirs_demote;    /* directions moved to TCP: the socket they send into leaves */
 };
 
 /* The loader's settings for the bypass's flow control (one array slot, netaccel_cfg). */
 struct bypass_config {
 	__u64 node_mem_limit_pages;  /* TCP memory_allocated (pages) above this: data takes TCP */
 	__u64 rcv_floor_bytes;       /* per-connection bound is max(receiver's sk_rcvbuf, this) */
+	/* Demotion policy (sockmap.c, DEMOTION): a direction that sends demote_msgs messages in a
+	 * row, each smaller than demote_small_bytes, with no message from its peer in between,
+	 * within demote_window_ns, leaves the bypass.  demote_msgs 0: never (policy "always"). */
+	__u64 demote_small_bytes;
+	__u64 demote_msgs;
+	__u64 demote_window_ns;
 };
 
 /* A bypassed socket as a redirect target (netaccel_peers, keyed by its own sock_key). */
@@ -67,6 +76,13 @@ struct peer_sock {
 	 * instruction set level bcc compiles for offers on 64-bit words only. */
 	__u64 pending;       /* 1: the sender decided to redirect; the bytes may not be queued yet */
 	__u64 splice_block;  /* 1: this socket was read with splice/sendfile: sender, stop */
+	/* Demotion (sockmap.c, DEMOTION).  Written by this socket's own sk_msg. */
+	__u64 demoted;       /* 1: this socket is leaving the sockhash: its sender, stop */
+	__u64 drained_ts;    /* demoted: bpf_ktime_get_ns() when it last saw its queue empty */
+	/* The direction into this socket (written by its sender's sk_msg; statistics). */
+	__u64 in_msgs;       /* messages its peer sent while in the sockhash (either path) */
+	__u64 in_bytes;
+	__u64 in_small;      /* ... smaller than demote_small_bytes */
 	__u32 doomed;        /* 1: bytes may be stranded: refuse the sender, user space resets */
 	__u32 passive;       /* 1: an accepted socket (its local port names the workload) */
 };
@@ -96,6 +112,24 @@ struct splice_event {
 	__u32 passive;
 	__u64 cookie;     /* the reader socket's cookie: the reset must hit exactly it (a lookup by
 	                   * 4-tuple alone falls back to the listener once it is closed) */
+};
+
+/* A direction that qualified for demotion (netaccel_demote, a queue user space drains): the
+ * SENDING socket's own 4-tuple (as in sock_key) and cookie.  User space removes that socket
+ * from the sockhash once it is safe (node_helper/demote.py). */
+struct demote_candidate {
+	__u32 local[4];
+	__u32 remote[4];
+	__u32 lport;
+	__u32 rport;
+	__u64 cookie;
+};
+
+/* Demotions carried out by user space (netaccel_dstat, one array slot, written only by user
+ * space under a lock: BPF programs never touch it). */
+struct demote_counters {
+	__u64 demoted;       /* sockets removed from the sockhash by the policy */
+	__u64 abandoned;     /* candidates given up (closed, or never safe within the time limit) */
 };
 
 /* How long a sender's redirect decision may take to reach the receiver's queue: past this,

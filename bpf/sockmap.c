@@ -163,6 +163,60 @@
  *     socket) or its address (a connecting one) go into netaccel_nobypass, which sock_ops
  *     checks before inserting, so later connections of that workload run on TCP from their
  *     first byte.  The agent may configure entries too (a per-pod opt-out).
+ *
+ * DEMOTION (issue 10): the kernel path coalesces small writes (Nagle, autocork) and the bypass
+ * cannot: each sendmsg is one message, one verdict, one queue entry and one wake-up.  A
+ * direction that streams small messages one-way is faster on TCP (measured: 1 B 0.21-0.28x,
+ * 256 B 0.86x on the bypass).  Returning SK_PASS while staying in the sockhash recovers only
+ * half (tcp_bpf still runs per send); the socket has to leave the sockhash.
+ * 11. Policy, in X's sk_msg (it sees every message, no polling lag): a run of
+ *     cfg.demote_msgs messages of X, each < cfg.demote_small_bytes, with no message of Y in
+ *     between (Y's sk_msg counts its messages in X's netaccel_peers entry, in_msgs), within
+ *     cfg.demote_window_ns, qualifies X->Y.  Request/response never builds a run, a large
+ *     message ends it, a trickle is too slow for the window.  Only user space and sock_ops may
+ *     delete from a SOCKHASH (not sk_msg, not tracepoints; sock_ops runs on no event of a
+ *     bypassed socket, which sends no TCP segments), so the removal is user space's
+ *     (node_helper/demote.py, polling every 50 ms); the kernel queues a candidate
+ *     (netaccel_demote), so user space never scans the sockets.
+ *     Which socket leaves: X, the sender.  Measured on this kernel (one delete, not the map's
+ *     release): removing a socket drops its psock, and bytes redirected to it but unread are
+ *     LOST (200 000 queued bytes: the reader saw only the TCP bytes sent after them).  The
+ *     receiver Y keeps its psock, so X's bytes already redirected stay on Y's queue and Y's
+ *     tcp_bpf recvmsg drains them before TCP's receive queue (rule 4): X->Y is order-safe
+ *     whatever X is doing (a sendmsg of X in progress holds X's psock and completes its
+ *     redirect into Y's queue; X's next sendmsg finds tcp_prot restored and takes TCP).  But
+ *     X's own psock is the receive queue of Y->X: it must be empty, and stay empty, when X
+ *     leaves.  So X qualifies in three steps:
+ *      a. X's sk_msg sets `demoted` in its own entry (atomic exchange) and queues X.  Y's
+ *         sk_msg, after its exchange of `pending` (rule 9's handshake), reads `demoted` and
+ *         moves Y->X to TCP (rule 3, counted fallback_dirs_demote): order-safe while X is
+ *         still in the sockhash.  Dekker as in rule 9: either Y sees `demoted`, or user space
+ *         sees Y's `pending` (its write came first).
+ *      b. User space waits until no redirect of Y into X is in flight: `pending` clear, or
+ *         older than SPLICE_PENDING_GRACE_NS (rule 9's meaning), and takes the time T.
+ *         From then on nothing enters X's queue.
+ *      c. X's sk_msg, on each later message, reads its own psock's msg_tot_len and, when 0,
+ *         stores the time (taken before the read) as `drained_ts`.  When user space sees
+ *         drained_ts > T (twice), the queue was empty after b, so it is empty for good; it
+ *         deletes X's key (the cookie checked just before: not a reused 4-tuple).
+ *     If X stops sending or never reads what Y sent, c never holds: the candidate is
+ *     abandoned after 30 s, X stays bypassed and Y->X on TCP (both order-safe).  Y is never
+ *     removed (it may hold X's unread bytes).  A demoted socket never returns: it passed
+ *     ESTABLISHED once (rule 2); its storage keeps `demoting`, its entry `demoted`.
+ *     Limits: a 4-tuple reused between the cookie check and the delete (microseconds) would
+ *     remove the new socket; a reader that splices Y within 1 s of X's removal sees X's
+ *     last `pending` (X never runs a verdict again to clear it) and is reset, not corrupted.
+ *     Policy "always" (demote_msgs 0) never qualifies anything.
+ *
+ * PER-MESSAGE COST: what the verdict does on every message is decided once where it can be
+ * and kept in X's socket storage: the peer's psock address (Y's psock lives as long as Y is in
+ * the sockhash and Y never returns; a stale address is read fault-safe, like pv->sk above, and
+ * the redirect then misses).  Rule 9 costs one atomic exchange per redirected message (it
+ * cost three): `pending` is set before each redirect and stays 1 while X keeps redirecting
+ * (it is cleared when X falls back, i.e. only when X stops redirecting), and `splice_block`
+ * / `demoted` are plain loads after the exchange, which is a full barrier (x86 lock xchg;
+ * arm64 swpal).  The demotion watch costs nothing for messages >= demote_small_bytes and one
+ * hash lookup (our own entry) for smaller ones.
  */
 #include <uapi/linux/bpf.h>
 
@@ -213,6 +267,7 @@
 #define FB_RCV_LAG 2
 #define FB_NODE_MEM 3
 #define FB_SPLICE 4
+#define FB_DEMOTE 5   /* the socket this direction sends into is leaving (DEMOTION) */
 
 /* The verifier only accepts context accesses at a constant offset from the
  * unmodified ctx pointer.  If two fields are read into one variable on
@@ -241,6 +296,15 @@ struct conn_state {
 	__u64 mem_addr;   /* &sk->sk_prot->memory_allocated->counter (TCP's, node-wide) */
 	__u64 cookie;
 	struct sock_key key;  /* this socket's own key (its netaccel_peers entry) */
+	/* Decided once per peer and kept (see PER-MESSAGE COST): the peer's psock address. */
+	__u64 peer_psock;
+	/* DEMOTION: this direction's current run of small messages. */
+	__u64 peer_seen;      /* our entry's in_msgs (the peer's messages) at our last small one */
+	__u64 streak_start;   /* bpf_ktime_get_ns() at the run's first message */
+	__u32 streak;         /* small messages in a row with no message of the peer between */
+	__u32 demoting;       /* 1: qualified; our entry says `demoted`; user space removes us */
+	__u32 cand_queued;    /* 1: our candidate entry is in netaccel_demote */
+	__u32 pad2;
 };
 
 BPF_SOCKHASH(netaccel_socks, struct sock_key, 65536);
@@ -251,6 +315,8 @@ BPF_ARRAY(netaccel_cfg, struct bypass_config, 1);
 BPF_F_TABLE("hash", struct sock_key, struct peer_sock, netaccel_peers, 65536, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct no_bypass_key, __u32, netaccel_nobypass, 16384, BPF_F_NO_PREALLOC);
 BPF_QUEUE(netaccel_events, struct splice_event, 1024);
+BPF_QUEUE(netaccel_demote, struct demote_candidate, 1024);
+BPF_ARRAY(netaccel_dstat, struct demote_counters, 1);  /* user space's; declared here to pin */
 
 /* Copy the eight IPv6 address words of ctx.  Clang happily merges a load of
  * local_ip4 on one branch and of local_ip6[3] on the other into one load
@@ -414,6 +480,11 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 	st->fell_back = 0;
 	st->reason = 0;
 	st->in_peers = 0;
+	st->peer_psock = 0;
+	st->peer_seen = 0;
+	st->streak = 0;
+	st->demoting = 0;
+	st->cand_queued = 0;
 	/* The socket's address as a number: stored through the map value and
 	 * loaded back, it is a scalar the program may add offsets to (the
 	 * verifier forbids arithmetic on the socket pointer itself). */
@@ -456,8 +527,11 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 /* Ordering rule 3: mark first, then this and every later message of this
  * socket takes TCP.  Counted once per direction, by reason. */
 static __always_inline int fall_back(struct conn_state *st, struct bypass_counters *cnt,
-				     __u32 reason)
+				     struct peer_sock *pv, __u32 reason)
 {
+	/* Rule 9: no redirect of ours is in flight any more (see PER-MESSAGE COST). */
+	if (pv && pv->pending)
+		__sync_lock_test_and_set(&pv->pending, 0);
 	st->fell_back = 1;
 	st->reason = reason;
 	if (reason == FB_RCV_LAG)
@@ -466,10 +540,87 @@ static __always_inline int fall_back(struct conn_state *st, struct bypass_counte
 		cnt->fallback_dirs_node_mem++;
 	else if (reason == FB_SPLICE)
 		cnt->fallback_dirs_splice++;
+	else if (reason == FB_DEMOTE)
+		cnt->fallback_dirs_demote++;
 	else
 		cnt->fallback_dirs++;
 	cnt->fallback_msgs++;
 	return SK_PASS;
+}
+
+/* DEMOTION: a run of small messages with no message of the peer between them.  Large
+ * messages end the run at no cost; a small one costs one lookup of our own entry (the peer's
+ * sk_msg counts its messages there) and, at the run's ends, a clock read. */
+static __always_inline void demote_watch(struct conn_state *st, struct bypass_config *cfg,
+					 struct bypass_counters *cnt, __u32 size)
+{
+	struct demote_candidate cand = {};
+	struct peer_sock *own;
+	__u64 seen, now;
+
+	if (size >= cfg->demote_small_bytes) {
+		st->streak = 0;
+		return;
+	}
+	own = netaccel_peers.lookup(&st->key);
+	if (!own || own->cookie != st->cookie)
+		return;
+	seen = own->in_msgs;
+	if (seen != st->peer_seen) {  /* the peer spoke: request/response, not a stream */
+		st->peer_seen = seen;
+		st->streak = 0;
+	}
+	if (st->streak == 0)
+		st->streak_start = bpf_ktime_get_ns();
+	if (++st->streak < cfg->demote_msgs)
+		return;
+	now = bpf_ktime_get_ns();
+	if (now - st->streak_start > cfg->demote_window_ns) {  /* a trickle: latency matters */
+		st->streak = 0;
+		return;
+	}
+	/* Qualified.  Close the way into us first (the peer's next verdict takes TCP, rule 3;
+	 * the exchange pairs with the peer's exchange of `pending`, rule 9's handshake), then
+	 * ask user space to remove us once nothing can be stranded in our queue. */
+	st->demoting = 1;
+	__sync_lock_test_and_set(&own->demoted, 1);
+	cnt->demote_candidates++;
+	__builtin_memcpy(cand.local, st->key.local, 16);
+	__builtin_memcpy(cand.remote, st->key.remote, 16);
+	cand.lport = st->key.lport;
+	cand.rport = st->key.rport;
+	cand.cookie = st->cookie;
+	if (netaccel_demote.push(&cand, 0) == 0)
+		st->cand_queued = 1;
+}
+
+/* DEMOTION, while user space has not removed us yet: report when our own redirect queue (the
+ * peer's bytes to us) is seen empty, and queue the candidate again if the queue was full. */
+static __always_inline void demote_progress(struct conn_state *st, struct bypass_counters *cnt)
+{
+	struct demote_candidate cand = {};
+	struct peer_sock *own;
+	__u64 ts, ud, queued = 0;
+	int rerr = 0;
+
+	own = netaccel_peers.lookup(&st->key);
+	if (!own || own->cookie != st->cookie)
+		return;
+	ts = bpf_ktime_get_ns();  /* before the read: a report never claims a later moment */
+	ud = kread_u64(st->sk + NA_OFF_SK_USER_DATA, &rerr);
+	if (ud & NA_SK_USER_DATA_PSOCK)
+		queued = kread_u32((ud & NA_SK_USER_DATA_PTRMASK) + NA_OFF_PSOCK_MSG_TOT_LEN, &rerr);
+	if (!rerr && queued == 0)
+		own->drained_ts = ts;
+	if (!st->cand_queued) {
+		__builtin_memcpy(cand.local, st->key.local, 16);
+		__builtin_memcpy(cand.remote, st->key.remote, 16);
+		cand.lport = st->key.lport;
+		cand.rport = st->key.rport;
+		cand.cookie = st->cookie;
+		if (netaccel_demote.push(&cand, 0) == 0)
+			st->cand_queued = 1;
+	}
 }
 
 int NA_PROG_MSG(struct sk_msg_md *msg)
@@ -480,7 +631,7 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	struct conn_state *st;
 	struct peer_sock *pv;
 	struct bpf_sock *sk;
-	__u64 peer_sk, ud, limit, alloc;
+	__u64 peer_sk, ud, limit, alloc, psock;
 	__u32 zero = 0;
 	__u32 family, size, queued = 0, rcvbuf;
 	int rerr = 0;
@@ -510,6 +661,7 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	peer.lport = REMOTE_PORT(CTX_U32(msg, remote_port));
 	size = CTX_U32(msg, size);
 
+	cfg = netaccel_cfg.lookup(&zero);
 	pv = netaccel_peers.lookup(&peer);
 	if (pv) {
 		/* Rule 9: the peer splices with our bytes stranded in its queue; bytes sent
@@ -518,11 +670,16 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 			cnt->doomed_drops++;
 			return SK_DROP;
 		}
-		/* Rule 9: our previous sendmsg returned, so its redirect is queued. */
-		if (pv->pending)
-			__sync_lock_test_and_set(&pv->pending, 0);
+		/* DEMOTION: the direction's statistics; in_msgs also tells the peer's sk_msg
+		 * that we sent (its run of one-way messages ends). */
+		pv->in_msgs++;
+		pv->in_bytes += size;
+		if (cfg && size < cfg->demote_small_bytes)
+			pv->in_small++;
 	}
 	if (st->fell_back) {  /* ordering rule 3: once on the kernel path, stay */
+		if (pv && pv->pending)  /* rule 9: our last redirect is queued by now */
+			__sync_lock_test_and_set(&pv->pending, 0);
 		cnt->fallback_msgs++;
 		return SK_PASS;
 	}
@@ -530,38 +687,51 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	 * refuses its data with EPIPE, and a redirect would deliver it after the peer's end of
 	 * file.  Take the order-safe switch and let TCP answer. */
 	if (sk->state != BPF_TCP_ESTABLISHED && sk->state != BPF_TCP_CLOSE_WAIT)
-		return fall_back(st, cnt, FB_MISS);
-	cfg = netaccel_cfg.lookup(&zero);
+		return fall_back(st, cnt, pv, FB_MISS);
 	if (!cfg || !pv)  /* the peer is not (or no longer) bypassed: a miss */
-		return fall_back(st, cnt, FB_MISS);
+		return fall_back(st, cnt, pv, FB_MISS);
 
-	/* Flow control rule 6: the receiver's unread redirected bytes. */
+	/* Flow control rule 6: the receiver's unread redirected bytes.  The peer's psock is
+	 * found once and kept (PER-MESSAGE COST). */
 	peer_sk = pv->sk;
-	ud = kread_u64(peer_sk + NA_OFF_SK_USER_DATA, &rerr);
-	if (ud & NA_SK_USER_DATA_PSOCK)
-		queued = kread_u32((ud & NA_SK_USER_DATA_PTRMASK) + NA_OFF_PSOCK_MSG_TOT_LEN,
-				   &rerr);
+	psock = st->peer_psock;
+	if (!psock) {
+		ud = kread_u64(peer_sk + NA_OFF_SK_USER_DATA, &rerr);
+		if (ud & NA_SK_USER_DATA_PSOCK)
+			psock = st->peer_psock = ud & NA_SK_USER_DATA_PTRMASK;
+	}
+	if (psock)
+		queued = kread_u32(psock + NA_OFF_PSOCK_MSG_TOT_LEN, &rerr);
 	rcvbuf = kread_u32(peer_sk + NA_OFF_SK_RCVBUF, &rerr);
 	if (rerr)  /* the peer's memory is gone: it closed */
-		return fall_back(st, cnt, FB_MISS);
+		return fall_back(st, cnt, pv, FB_MISS);
 	limit = cfg->rcv_floor_bytes;
 	if ((__s32)rcvbuf > 0 && rcvbuf > limit)
 		limit = rcvbuf;
 	if ((__u64)queued + size > limit)
-		return fall_back(st, cnt, FB_RCV_LAG);
+		return fall_back(st, cnt, pv, FB_RCV_LAG);
 	/* Flow control rule 7: node-wide TCP memory, well below pressure. */
 	alloc = kread_u64(st->mem_addr, &rerr);
 	if (rerr || ((__s64)alloc > 0 && alloc > cfg->node_mem_limit_pages))
-		return fall_back(st, cnt, FB_NODE_MEM);
+		return fall_back(st, cnt, pv, FB_NODE_MEM);
+
+	/* DEMOTION: watch this direction's run of small one-way messages; once it qualifies,
+	 * close the way into this socket and ask user space to remove it. */
+	if (st->demoting)
+		demote_progress(st, cnt);
+	else if (cfg->demote_msgs)
+		demote_watch(st, cfg, cnt, size);
 
 	/* Rule 9, the sender's half: announce the redirect, then look for a reader that
-	 * splices.  The atomic exchange orders the write before the read. */
+	 * splices, or a receiver that is leaving (DEMOTION).  The exchange is a full barrier:
+	 * it orders the write before the two plain reads.  One exchange a message: `pending`
+	 * stays 1 while we keep redirecting (PER-MESSAGE COST). */
 	pv->pending_ts = bpf_ktime_get_ns();
 	__sync_lock_test_and_set(&pv->pending, 1);
-	if (__sync_fetch_and_add(&pv->splice_block, 0)) {
-		__sync_lock_test_and_set(&pv->pending, 0);
-		return fall_back(st, cnt, FB_SPLICE);
-	}
+	if (*(volatile __u64 *)&pv->splice_block)
+		return fall_back(st, cnt, pv, FB_SPLICE);
+	if (*(volatile __u64 *)&pv->demoted)
+		return fall_back(st, cnt, pv, FB_DEMOTE);
 	verdict = netaccel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (verdict == SK_PASS) {
 		cnt->redirected_msgs++;
@@ -569,8 +739,7 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 	/* Miss: the peer is not (or no longer) in the sockhash. */
-	__sync_lock_test_and_set(&pv->pending, 0);
-	return fall_back(st, cnt, FB_MISS);
+	return fall_back(st, cnt, pv, FB_MISS);
 }
 
 /* Rules 8-10: a read of file descriptor `fd` of the current task that cannot be served from

@@ -211,11 +211,16 @@ def measure_point(variants: Sequence[str], apply: Callable[[str], None],
 
 def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                tests: Sequence[str] = ("tcp_lat", "tcp_bw"), rounds: int = 1,
-               cpu_idle: str = "auto", progress: ProgressFn = stderr_progress) -> list[Row]:
+               cpu_idle: str = "auto", progress: ProgressFn = stderr_progress,
+               policy: str = "default") -> list[Row]:
     """qperf between two testbed pods: kernel path vs socket bypass, plus the AF_UNIX floor.
 
-    With rounds > 1 every figure is the median of that many alternating measurements."""
-    from node_helper import sockets
+    With rounds > 1 every figure is the median of that many alternating measurements.
+    `policy` is the bypass's demotion policy (node_helper.sockets.POLICIES); with "default"
+    the demoter runs in a thread for the whole benchmark, as the agent runs it on a node."""
+    import threading
+
+    from node_helper import demote, sockets
 
     points = [(t, s) for s in sizes for t in tests]
     rows: list[Row] = []
@@ -224,10 +229,15 @@ def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
 
         def apply(variant: str) -> None:
             if variant == "accelerated":
-                sockets.enable(cidrs)
+                sockets.enable(cidrs, policy=policy)
             else:
                 sockets.disable()
 
+        stop = threading.Event()
+        demoter = threading.Thread(target=demote.run, args=(stop,), name="demoter",
+                                   daemon=True)
+        if policy != "always":
+            demoter.start()
         try:
             for n, (test, size) in enumerate(points, 1):
                 def measure(variant: str, test: str = test, size: int = size) -> float:
@@ -245,6 +255,9 @@ def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                          f"kernel {row.baseline:9.2f}  bypass {row.accelerated:9.2f}  "
                          f"floor {row.floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
         finally:
+            stop.set()
+            if demoter.is_alive():
+                demoter.join(5)
             sockets.disable()
     return rows
 
@@ -301,6 +314,13 @@ def bench_mesh(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
             finally:
                 bed.mesh_redirect(True)
     return rows
+
+
+def policy_meta(policy: str) -> dict[str, Any]:
+    """The demotion policy and its thresholds, for a result's meta."""
+    from node_helper import sockets
+
+    return sockets.policy_of(sockets.demote_config(policy))
 
 
 VM_VARIANTS = ("bridge", "mirror", "mirror+csum-off", "bpf")

@@ -3,7 +3,8 @@
     netaccel-lab testbed up [--pods N] [--vms M] [--guest netns|qemu] [--kubelet-root DIR]
                             [--cgroup-driver systemd|cgroupfs] [--mesh] | status | down
     netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
-    netaccel-lab bench pods|vm|mesh [--quick] [--rounds R] [--json FILE] [--plot FILE.png]
+    netaccel-lab bench pods|vm|mesh [--quick] [--rounds R] [--policy always|default (pods)]
+                                    [--json FILE] [--plot FILE.png]
     netaccel-lab bench node [--quick] [--pods N] [--vms M] [--json FILE]   the agent at scale
 
 Exit codes as `netaccel` (node_helper.exitcodes).
@@ -121,7 +122,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "cpu_dma_latency_0us_for": [t for t in ("tcp_lat", "tcp_bw", "udp_lat", "udp_bw")
                                     if bench.keep_awake_for(t, args.cpu_idle)],
     }
-    rows = run(sizes, seconds, rounds=args.rounds, cpu_idle=args.cpu_idle)
+    extra = {}
+    if args.target == "pods":
+        meta["bypass_policy"] = bench.policy_meta(args.policy)
+        extra["policy"] = args.policy
+    elif args.policy != "default":
+        raise ValueError("--policy is the socket bypass's: it applies to `bench pods` only")
+    rows = run(sizes, seconds, rounds=args.rounds, cpu_idle=args.cpu_idle, **extra)
     print(bench.format_table(rows))
     if args.json:
         bench.write_json(rows, Path(args.json), meta)
@@ -165,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="seconds per point (default 3, quick 2)")
     p.add_argument("--rounds", type=_positive_int, default=1,
                    help="alternating rounds per point; figures are their median (default 1)")
+    p.add_argument("--policy", choices=["default", "always"], default="default",
+                   help="pods: the bypass's demotion policy: default (one-way small-message "
+                   "streams move to the kernel path) or always (never demote)")
     p.add_argument("--cpu-idle", choices=bench.CPU_IDLE_POLICIES, default="auto",
                    help="hold a 0 us cpu_dma_latency PM QoS request: for latency tests only "
                    "(auto), always (awake) or never (idle); see bench.cpus_kept_awake")

@@ -124,6 +124,19 @@ class Agent:
                 log.exception("splice guard failed; restarting it")
                 stop.wait(1.0)
 
+    def _run_demoter(self, stop: threading.Event) -> None:
+        """Move one-way small-message streams to the kernel path (node_helper.demote)."""
+        from node_helper import demote
+
+        demoter = demote.Demoter()
+        while not stop.is_set():
+            try:
+                demote.run(stop, on_demote=lambda _e: self.metrics.demotions.inc(),
+                           demoter=demoter)
+            except Exception:  # noqa: BLE001 - logged; the demoter must keep running
+                log.exception("demoter failed; restarting it")
+                stop.wait(1.0)
+
     def _splice_event(self, event: dict[str, Any]) -> None:
         """One reset connection: a metric, and a log line naming the pod."""
         owner = next((ep for ep in self._desired.values() if event["local"] in ep.ips), None)
@@ -219,6 +232,8 @@ class Agent:
                    for s in self.sources]
         threads.append(threading.Thread(target=self._run_splice_guard, args=(stop,),
                                         name="splice-guard", daemon=True))
+        threads.append(threading.Thread(target=self._run_demoter, args=(stop,),
+                                        name="demoter", daemon=True))
         for t in threads:
             t.start()
         next_resync = time.monotonic() + self.resync_interval

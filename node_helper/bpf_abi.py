@@ -24,7 +24,7 @@ HEADER = "netaccel_abi.h"
 _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
 _STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{(.*?)\};", re.S)
 _FIELD_RE = re.compile(r"^(__u8|__u16|__u32|__u64)\s+(\w+)(?:\[(\w+)\])?;$")
-_DEFINE_RE = re.compile(r"^#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$", re.M)
+_DEFINE_RE = re.compile(r"^#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)[uUlL]*\s*$", re.M)
 
 
 class AbiError(RuntimeError):

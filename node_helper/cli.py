@@ -82,7 +82,7 @@ def cmd_bypass(args: argparse.Namespace) -> int:
                              "on the lab's testbed, `netaccel-lab bypass on` fills them in")
         cidrs = args.cidr
         status = sockets.enable(cidrs, node_mem_limit_pages=args.node_mem_limit_pages,
-                                rcv_floor_bytes=args.rcv_floor_bytes)
+                                rcv_floor_bytes=args.rcv_floor_bytes, policy=args.policy)
         print(f"socket bypass on for {', '.join(cidrs)}", file=sys.stderr)
         if args.json:
             print_json(status)
@@ -93,26 +93,40 @@ def cmd_bypass(args: argparse.Namespace) -> int:
         return exitcodes.OK
     if args.action == "guard":
         return _guard()
+    if args.action == "demote":
+        return _guard(splice=False)
     show(sockets.status(), args.json)
     return exitcodes.OK
 
 
-def _guard() -> int:
-    """Reset splice-doomed connections until interrupted (the agent does this itself)."""
+def _guard(splice: bool = True) -> int:
+    """Until interrupted (the agent does both itself): demote qualified connections
+    (node_helper.demote) and, with `splice`, reset splice-doomed ones."""
     import logging
     import threading
 
-    from node_helper import sockets, splice_guard
+    from node_helper import demote, sockets, splice_guard
 
     if not sockets.status()["enabled"]:
         raise ValueError("the socket bypass is off: nothing to guard")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print("splice guard running: resets connections whose reader splices stranded bytes "
-          "(Ctrl-C to stop)", file=sys.stderr)
+    print(("splice guard running: resets connections whose reader splices stranded bytes; "
+           if splice else "") + "demoter running: moves one-way small-message streams to the "
+          "kernel path (Ctrl-C to stop)", file=sys.stderr)
+    stop = threading.Event()
+    demoter = threading.Thread(target=demote.run, args=(stop,), name="demoter", daemon=True)
+    demoter.start()
     try:
-        splice_guard.run(threading.Event())
+        if splice:
+            splice_guard.run(stop)
+        else:
+            while not stop.wait(3600):
+                pass
     except KeyboardInterrupt:
         pass
+    finally:
+        stop.set()
+        demoter.join(2)
     return exitcodes.OK
 
 
@@ -231,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bypass", help="same-node pod socket bypass (sock_ops + sk_msg)")
-    p.add_argument("action", choices=["on", "off", "status", "guard"],
-                   help="guard: reset connections the splice guard cannot save (foreground)")
+    p.add_argument("action", choices=["on", "off", "status", "guard", "demote"],
+                   help="guard: reset connections the splice guard cannot save and demote "
+                   "one-way small-message streams (foreground); demote: only the latter")
     p.add_argument("--cidr", action="append", type=_valid_cidr,
                    help="on: an accelerated prefix, e.g. a pod's address/32 (repeatable)")
     p.add_argument("--node-mem-limit-pages", type=int, default=None,
@@ -240,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: half of net.ipv4.tcp_mem[0])")
     p.add_argument("--rcv-floor-bytes", type=int, default=None,
                    help="on: per-connection bound on unread redirected bytes is "
-                        "max(receiver's rcvbuf, this) (default 4 MiB)")
+                        "max(receiver's rcvbuf, this) (default 32 MiB)")
+    p.add_argument("--policy", choices=["default", "always"], default="default",
+                   help="on: default: a direction streaming small messages one-way moves to "
+                   "the kernel path (it coalesces them); always: every connection stays "
+                   "bypassed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bypass)
 

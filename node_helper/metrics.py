@@ -131,6 +131,9 @@ class AgentMetrics:
         self.splice_resets = Counter("netaccel_splice_resets", "connections the splice "
                                      "guard reset (a reader spliced bytes it could not see)",
                                      registry=self.registry)
+        self.demotions = Counter("netaccel_demotions", "sockets the demoter moved to the "
+                                 "kernel path (one-way small-message streams)",
+                                 registry=self.registry)
         self.duration = Histogram("netaccel_reconcile_duration_seconds",
                                   "duration of a reconcile pass", registry=self.registry,
                                   buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10,

@@ -73,7 +73,10 @@ PINNED_PROGS = {"prog_ops": PROG_OPS_NAME, "prog_msg": PROG_MSG_NAME,
                 "prog_recvfrom": PROG_RECVFROM_NAME, "prog_recvmsg": PROG_RECVMSG_NAME}
 PINNED_MAPS = {"map_socks": "netaccel_socks", "map_accel": "netaccel_accel",
                "map_counters": "netaccel_cnt", "map_config": "netaccel_cfg",
-               "map_nobypass": "netaccel_nobypass", "map_events": "netaccel_events"}
+               "map_nobypass": "netaccel_nobypass", "map_events": "netaccel_events",
+               # demotion (sockmap.c, DEMOTION; node_helper/demote.py)
+               "map_peers": "netaccel_peers", "map_demote": "netaccel_demote",
+               "map_dstat": "netaccel_dstat"}
 # pin name of a tracepoint link -> (its program's pin, tracepoint): pinned links keep the
 # guard attached after this process exits, like the legacy attachments of the others.
 GUARD_LINKS = {"link_splice": ("prog_splice", "sys_enter_splice"),
@@ -86,6 +89,9 @@ SOCK_KEY = bpf_abi.layout("sock_key")
 NO_BYPASS_KEY = bpf_abi.layout("no_bypass_key")
 SPLICE_EVENT = bpf_abi.layout("splice_event")
 LPM_KEY = bpf_abi.layout("lpm_key")
+PEER_SOCK = bpf_abi.layout("peer_sock")
+DEMOTE_CANDIDATE = bpf_abi.layout("demote_candidate")
+DEMOTE_COUNTERS = bpf_abi.layout("demote_counters")
 TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
 # Per-connection floor of the bound on unread redirected bytes. The receiver's rcvbuf is not
 # autotuned for bypassed data (its initial 128 KiB would push every fast stream to TCP), and
@@ -94,6 +100,18 @@ TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
 # 32 MiB never did (2.54-2.61 GB/s). A direction moved to TCP never comes back, so the floor
 # errs on the side of bursts; the node guard bounds the sum over all connections.
 DEFAULT_RCV_FLOOR_BYTES = 32 << 20
+# Demotion policy (sockmap.c, DEMOTION). "default": a direction that sends DEMOTE_MSGS small
+# (< DEMOTE_SMALL_BYTES) messages in a row, with no message from its peer between them, within
+# DEMOTE_WINDOW_MS, leaves the bypass; "always": never (every connection stays bypassed).
+# Measured (qperf tcp_bw on the testbed, docs/results/): the bypass loses to the kernel path's
+# coalescing up to 256 B (0.21-0.86x) and wins from 1 KiB (2.5x), so 512 B divides them.
+# 256 messages in 50 ms is >= 5 120 messages/s: a bulk stream of small writes qualifies within
+# a few ms (1 B at 130 KB/s: 2 ms), a trickle (telemetry, logs at a few hundred per second)
+# keeps the bypass's latency, and request/response never builds a run.
+POLICIES = ("default", "always")
+DEFAULT_DEMOTE_SMALL_BYTES = 512
+DEFAULT_DEMOTE_MSGS = 256
+DEFAULT_DEMOTE_WINDOW_MS = 50
 # Kernel-internal members the programs read: -D macro -> (struct, member path, size).
 KERNEL_MEMBERS = {
     "NA_OFF_SK_USER_DATA": ("sock", "sk_user_data", 8),
@@ -240,7 +258,10 @@ def _cgroup_fd() -> Iterator[tuple[Path, int]]:
 # --- the public API -----------------------------------------------------------------------
 
 def enable(cidrs: Sequence[str], node_mem_limit_pages: int | None = None,
-           rcv_floor_bytes: int | None = None, allow_empty: bool = False) -> dict[str, Any]:
+           rcv_floor_bytes: int | None = None, allow_empty: bool = False,
+           policy: str = "default", demote_small_bytes: int | None = None,
+           demote_msgs: int | None = None, demote_window_ms: int | None = None,
+           ) -> dict[str, Any]:
     """Bypass TCP between sockets whose two ends are both in `cidrs`; return status().
 
     Only connections established from now on are bypassed. Already enabled: replace the
@@ -252,9 +273,14 @@ def enable(cidrs: Sequence[str], node_mem_limit_pages: int | None = None,
     rcv_floor_bytes (default DEFAULT_RCV_FLOOR_BYTES); each enable sets both.
     `allow_empty`: an empty set is allowed (the agent keeps the programs attached, and their
     counters, while no pod opts in; no new socket is bypassed then).
+
+    Demotion: `policy` "default" (thresholds DEFAULT_DEMOTE_*, or the given ones) or "always"
+    (never demote). The kernel only queues candidates; a demoter (node_helper.demote: the
+    agent's thread, `netaccel bypass demote` or `guard`) removes them from the sockhash.
     """
     nets = parse_cidrs(cidrs, allow_empty)
-    config = flow_config(node_mem_limit_pages, rcv_floor_bytes)
+    config = flow_config(node_mem_limit_pages, rcv_floor_bytes) | demote_config(
+        policy, demote_small_bytes, demote_msgs, demote_window_ms)
     with kernel.locked("bypass"), _cgroup_fd() as (cg, cgfd):
         kernel.ensure_bpffs()
         if _is_enabled(cgfd):
@@ -310,6 +336,7 @@ def status() -> dict[str, Any]:
                               "pin_dir": str(PIN_DIR)}
     result.update(dict.fromkeys(COUNTERS.names, 0))
     result.update(dict.fromkeys(CONFIG.names, 0))
+    result.update(dict.fromkeys(DEMOTE_COUNTERS.names, 0))
     try:
         cg = _cgroup_root()
         result["cgroup"] = str(cg)
@@ -329,6 +356,8 @@ def status() -> dict[str, Any]:
         with closing(obj_get(PIN_DIR / "map_accel")) as fd:
             result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY.size))
         result.update(_read_config())
+        result["policy"] = policy_of(result)
+        result.update(read_demote_counters())
         result["no_bypass"] = no_bypass()
     return result
 
@@ -394,6 +423,98 @@ def pop_splice_events(most: int = 256) -> list[dict[str, Any]]:
                 "cookie": ev["cookie"],
             })
     return events
+
+
+# --- demotion (sockmap.c, DEMOTION) ---------------------------------------------------------
+
+def demote_config(policy: str = "default", demote_small_bytes: int | None = None,
+                  demote_msgs: int | None = None, demote_window_ms: int | None = None,
+                  ) -> dict[str, int]:
+    """The demotion fields of bypass_config for a policy (ValueError for a bad one)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    msgs = DEFAULT_DEMOTE_MSGS if demote_msgs is None else _non_negative("demote_msgs",
+                                                                         demote_msgs)
+    return {
+        "demote_small_bytes": DEFAULT_DEMOTE_SMALL_BYTES if demote_small_bytes is None
+        else _non_negative("demote_small_bytes", demote_small_bytes),
+        "demote_msgs": 0 if policy == "always" else msgs,
+        "demote_window_ns": (DEFAULT_DEMOTE_WINDOW_MS if demote_window_ms is None
+                             else _non_negative("demote_window_ms", demote_window_ms))
+        * 1_000_000,
+    }
+
+
+def policy_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The demotion policy a config says, as recorded in status and bench results."""
+    return {"policy": "default" if config.get("demote_msgs") else "always",
+            "demote_small_bytes": config.get("demote_small_bytes", 0),
+            "demote_msgs": config.get("demote_msgs", 0),
+            "demote_window_ms": config.get("demote_window_ns", 0) / 1e6}
+
+
+def set_policy(policy: str = "default", demote_small_bytes: int | None = None,
+               demote_msgs: int | None = None, demote_window_ms: int | None = None,
+               ) -> dict[str, Any]:
+    """Change the running bypass's demotion policy (next message of every connection)."""
+    with kernel.locked("bypass"):
+        if not _pins_complete():
+            raise KernelFeatureError("the socket bypass is not enabled")
+        current = _read_config() | demote_config(policy, demote_small_bytes, demote_msgs,
+                                                 demote_window_ms)
+        _write_config(current)
+        return policy_of(current)
+
+
+def read_demote_counters() -> dict[str, int]:
+    """Demotions user space carried out (netaccel_dstat)."""
+    with contextlib.suppress(OSError), closing(obj_get(PIN_DIR / "map_dstat")) as fd:
+        raw = map_lookup(fd, b"\0\0\0\0", DEMOTE_COUNTERS.size)
+        if raw:
+            return DEMOTE_COUNTERS.unpack(raw)
+    return dict.fromkeys(DEMOTE_COUNTERS.names, 0)
+
+
+def add_demote_counters(**add: int) -> None:
+    """Add to the user-space demotion counters (one writer at a time: a lock file)."""
+    with kernel.locked("demote"), closing(obj_get(PIN_DIR / "map_dstat")) as fd:
+        raw = map_lookup(fd, b"\0\0\0\0", DEMOTE_COUNTERS.size)
+        values = DEMOTE_COUNTERS.unpack(raw) if raw else dict.fromkeys(DEMOTE_COUNTERS.names, 0)
+        for name, n in add.items():
+            values[name] += n
+        map_update(fd, b"\0\0\0\0", DEMOTE_COUNTERS.pack(**values))
+
+
+def pop_demote_candidates(most: int = 1024) -> list[dict[str, Any]]:
+    """Take the queued demotion candidates (sending sockets), oldest first."""
+    out = []
+    with contextlib.suppress(OSError), closing(obj_get(PIN_DIR / "map_demote")) as fd:
+        while len(out) < most and (raw := map_pop(fd, DEMOTE_CANDIDATE.size)) is not None:
+            cand = DEMOTE_CANDIDATE.unpack(raw)
+            out.append({"key": raw[:SOCK_KEY.size], "cookie": cand["cookie"],
+                        "local": _ip(raw[:16]), "remote": _ip(raw[16:32]),
+                        "lport": cand["lport"], "rport": cand["rport"]})
+    return out
+
+
+def peer_entry(key: bytes) -> dict[str, Any] | None:
+    """A bypassed socket's netaccel_peers entry (its splice/demotion state), or None."""
+    with closing(obj_get(PIN_DIR / "map_peers")) as fd:
+        raw = map_lookup(fd, key, PEER_SOCK.size)
+    return PEER_SOCK.unpack(raw) if raw else None
+
+
+def remove_socket(key: bytes) -> bool:
+    """Delete one socket from the sockhash (False: it was not there). Only order-safe under
+    sockmap.c's DEMOTION conditions: node_helper.demote checks them first."""
+    with closing(obj_get(PIN_DIR / "map_socks")) as fd:
+        return map_delete(fd, key)
+
+
+def socket_keys() -> list[bytes]:
+    """The keys of every socket in the sockhash."""
+    with closing(obj_get(PIN_DIR / "map_socks")) as fd:
+        return list(map_keys(fd, SOCK_KEY.size))
 
 
 # --- flow control ---------------------------------------------------------------------------
@@ -508,6 +629,7 @@ def _compile() -> tuple[Any, Any, Any]:
         bpf_abi.check_map(bpf, "netaccel_cfg", value="bypass_config")
         bpf_abi.check_map(bpf, "netaccel_peers", key="sock_key", value="peer_sock")
         bpf_abi.check_map(bpf, "netaccel_nobypass", key="no_bypass_key")
+        bpf_abi.check_map(bpf, "netaccel_dstat", value="demote_counters")
         bcc = kernel.import_bcc()
         ops = bpf.load_func(PROG_OPS_NAME.encode(), bcc.BPF.SOCK_OPS)
         msg = bpf.load_func(PROG_MSG_NAME.encode(), bcc.BPF.SK_MSG)

@@ -1,5 +1,5 @@
 """Session-wide: a NETACCEL_INSTANCE of its own, so pins and locks never meet a real agent's
-(or another test run's), and nothing of it is left under /sys/fs/bpf afterwards."""
+(or another test run's), and nothing of it is left under /sys/fs/bpf or in /run afterwards."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ os.environ.setdefault("NETACCEL_INSTANCE", f"nt{os.getpid() % 10**8}")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_vm_pins_left() -> Iterator[None]:
+def nothing_of_this_run_left() -> Iterator[None]:
     yield
     from node_helper import kernel
     from node_helper.vm import bpf
 
     bpf.unpin_all()
-    kernel.lock_file("vm").unlink(missing_ok=True)
+    for part in ("vm", "bypass"):
+        kernel.lock_file(part).unlink(missing_ok=True)
