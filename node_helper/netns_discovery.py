@@ -21,12 +21,11 @@ reconciler retries later (a pod that just got its address may not have its proce
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from node_helper import kernel
@@ -120,28 +119,11 @@ def cgroup_pids(pod_cgroup: Path) -> list[int]:
     return pids
 
 
-@contextlib.contextmanager
-def _in_netns_path(path: str) -> Iterator[None]:
-    """The calling thread inside the netns at `path` for the body (setns, then back).
-
-    (kernel.in_netns takes a name under /var/run/netns; a path version is on its way in the
-    agent branch: use it when that is merged.)"""
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open("/proc/thread-self/ns/net", "rb") as home, open(path, "rb") as there:
-        if libc.setns(there.fileno(), kernel.CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {path}")
-        try:
-            yield
-        finally:
-            if libc.setns(home.fileno(), kernel.CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to the original namespace")
-
-
 def netns_addresses(path: str) -> set[str]:
     """Every address on every interface inside the netns at `path`."""
     from pyroute2 import IPRoute
 
-    with _in_netns_path(path):
+    with kernel.in_netns(path):
         ipr = IPRoute()  # its netlink socket stays in that netns
     try:
         return {str(ipaddress.ip_address(a.get("IFA_ADDRESS"))) for a in ipr.get_addr()

@@ -13,7 +13,6 @@ runs it in the foreground.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -27,8 +26,8 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.diag import SOCK_DESTROY, DiagSocket, inet_diag_req
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_helper import sockets
-from node_helper.kernel import CLONE_NEWNET, NETNS_DIR
+from node_helper import kernel, sockets
+from node_helper.kernel import NETNS_DIR
 
 log = logging.getLogger("netaccel.splice_guard")
 TCP_STATES_ALL = 0xFFFFFFFF
@@ -83,31 +82,6 @@ def netns_path(event: dict[str, Any]) -> str:
                                           f"{event['netns_ino']} is left")
 
 
-def _in_netns(path: str, fn: Any, *args: Any) -> Any:
-    """Run fn(*args) in a new thread that joined the netns at `path` (threads own theirs)."""
-    out: dict[str, Any] = {}
-
-    def body() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns into {path}")
-                out["result"] = fn(*args)
-            finally:
-                os.close(fd)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            out["error"] = exc
-
-    thread = threading.Thread(target=body, name="splice-guard-netns")
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
-
-
 def _destroy_either(event: dict[str, Any]) -> int:
     """An IPv4 pair may be an AF_INET socket or an AF_INET6 one with mapped addresses."""
     v4 = ipaddress.ip_address(event["local"]).version == 4
@@ -127,7 +101,8 @@ def _destroy_either(event: dict[str, Any]) -> int:
 def handle(event: dict[str, Any]) -> dict[str, Any]:
     """Reset the connection of one event; the event with `reset` (0 or errno) added."""
     try:
-        code = _in_netns(netns_path(event), _destroy_either, event)
+        with kernel.in_netns(netns_path(event)):  # this thread only, and back
+            code = _destroy_either(event)
     except OSError as exc:  # the process is gone: so is its socket
         code = exc.errno or errno.ESRCH
     result = event | {"reset": code}

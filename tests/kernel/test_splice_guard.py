@@ -205,8 +205,9 @@ def test_a_reset_never_hits_the_listener(testbed: Testbed) -> None:
         cl.close()  # the client first: its side keeps TIME_WAIT, the server's is then gone
         srv.close()
         time.sleep(0.2)  # LAST_ACK -> closed
-        code = splice_guard._in_netns(str(kernel.NETNS_DIR / pod1.netns), splice_guard.destroy,
-                                      socket.AF_INET, pod1.ipv4, port, pod0.ipv4, rport, cookie)
+        with kernel.in_netns(pod1.netns):
+            code = splice_guard.destroy(socket.AF_INET, pod1.ipv4, port, pod0.ipv4, rport,
+                                        cookie)
         assert code in (errno.ENOENT, errno.ESTALE), code
         again = client_socket(pod0, "ipv4")
         with again:
