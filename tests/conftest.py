@@ -18,5 +18,5 @@ def nothing_of_this_run_left() -> Iterator[None]:
     from node_helper.vm import bpf
 
     bpf.unpin_all()
-    for part in ("vm", "bypass"):
-        kernel.lock_file(part).unlink(missing_ok=True)
+    for lock in kernel.lock_file("x").parent.glob(f"{kernel.instance()}-*.lock"):
+        lock.unlink(missing_ok=True)
