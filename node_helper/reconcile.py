@@ -331,8 +331,7 @@ def _in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     For what compiles eBPF with bcc: importing bcc maps ~60 MB of LLVM and a compile takes
     the process to ~270 MB, and a process never gives its high-water mark back. What the
     compile makes is pinned in bpffs (and attached), so it outlives the child; the agent
-    only ever opens pins, and stays small (measured at 200 pods + 100 VMs: 276 -> see
-    `netaccel-lab bench node`)."""
+    only ever opens pins, and stays small (`netaccel-lab bench node` reports its peak RSS)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

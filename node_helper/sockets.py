@@ -95,16 +95,15 @@ DEMOTE_COUNTERS = bpf_abi.layout("demote_counters")
 TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
 # Per-connection floor of the bound on unread redirected bytes. The receiver's rcvbuf is not
 # autotuned for bypassed data (its initial 128 KiB would push every fast stream to TCP), and
-# a healthy reader lags in bursts: measured with qperf tcp_bw 16 KiB on the testbed, a 4 MiB
-# floor moved the stream to TCP during its start-up burst (569 MB/s, kernel-path speed),
-# 32 MiB never did (2.54-2.61 GB/s). A direction moved to TCP never comes back, so the floor
-# errs on the side of bursts; the node guard bounds the sum over all connections.
+# a healthy reader lags in bursts: a direction moved to TCP never comes back, so the floor
+# errs on the side of bursts (how it was chosen: docs/results/README.md, "the floor against
+# a reader that stalls"); the node guard bounds the sum over all connections.
 DEFAULT_RCV_FLOOR_BYTES = 32 << 20
 # Demotion policy (sockmap.c, DEMOTION). "default": a direction that sends DEMOTE_MSGS small
 # (< DEMOTE_SMALL_BYTES) messages in a row, with no message from its peer between them, within
 # DEMOTE_WINDOW_MS, leaves the bypass; "always": never (every connection stays bypassed).
-# Measured (qperf tcp_bw on the testbed, docs/results/): the bypass loses to the kernel path's
-# coalescing up to 256 B (0.21-0.86x) and wins from 1 KiB (2.5x), so 512 B divides them.
+# The bypass loses to the kernel path's coalescing up to 256 B and wins from 1 KiB
+# (docs/results/bench-pods.*), so 512 B divides them.
 # 256 messages in 50 ms is >= 5 120 messages/s: a bulk stream of small writes qualifies within
 # a few ms (1 B at 130 KB/s: 2 ms), a trickle (telemetry, logs at a few hundred per second)
 # keeps the bypass's latency, and request/response never builds a run.
