@@ -548,17 +548,11 @@ static __always_inline int fall_back(struct conn_state *st, struct bypass_counte
 	return SK_PASS;
 }
 
-/* DEMOTION: qualified.  Close the way into us first (the peer's next verdict takes TCP,
- * rule 3; the exchange pairs with the peer's exchange of `pending`, rule 9's handshake), then
- * ask user space to remove us once nothing can be stranded in our queue. */
-static __always_inline void demote_self(struct conn_state *st, struct peer_sock *own,
-					struct bypass_counters *cnt)
+/* DEMOTION: ask user space (node_helper/demote.py) to remove this socket from the sockhash. */
+static __always_inline void queue_candidate(struct conn_state *st)
 {
 	struct demote_candidate cand = {};
 
-	st->demoting = 1;
-	__sync_lock_test_and_set(&own->demoted, 1);
-	cnt->demote_candidates++;
 	__builtin_memcpy(cand.local, st->key.local, 16);
 	__builtin_memcpy(cand.remote, st->key.remote, 16);
 	cand.lport = st->key.lport;
@@ -566,6 +560,18 @@ static __always_inline void demote_self(struct conn_state *st, struct peer_sock 
 	cand.cookie = st->cookie;
 	if (netaccel_demote.push(&cand, 0) == 0)
 		st->cand_queued = 1;
+}
+
+/* DEMOTION: qualified.  Close the way into us first (the peer's next verdict takes TCP,
+ * rule 3; the exchange pairs with the peer's exchange of `pending`, rule 9's handshake), then
+ * ask user space to remove us once nothing can be stranded in our queue. */
+static __always_inline void demote_self(struct conn_state *st, struct peer_sock *own,
+					struct bypass_counters *cnt)
+{
+	st->demoting = 1;
+	__sync_lock_test_and_set(&own->demoted, 1);
+	cnt->demote_candidates++;
+	queue_candidate(st);
 }
 
 /* Rules 6-7 and DEMOTION: a direction that flow control moved to TCP would otherwise stay in
@@ -623,7 +629,6 @@ static __always_inline void demote_watch(struct conn_state *st, struct bypass_co
  * peer's bytes to us) is seen empty, and queue the candidate again if the queue was full. */
 static __always_inline void demote_progress(struct conn_state *st, struct bypass_counters *cnt)
 {
-	struct demote_candidate cand = {};
 	struct peer_sock *own;
 	__u64 ts, ud, queued = 0;
 	int rerr = 0;
@@ -637,15 +642,8 @@ static __always_inline void demote_progress(struct conn_state *st, struct bypass
 		queued = kread_u32((ud & NA_SK_USER_DATA_PTRMASK) + NA_OFF_PSOCK_MSG_TOT_LEN, &rerr);
 	if (!rerr && queued == 0)
 		own->drained_ts = ts;
-	if (!st->cand_queued) {
-		__builtin_memcpy(cand.local, st->key.local, 16);
-		__builtin_memcpy(cand.remote, st->key.remote, 16);
-		cand.lport = st->key.lport;
-		cand.rport = st->key.rport;
-		cand.cookie = st->cookie;
-		if (netaccel_demote.push(&cand, 0) == 0)
-			st->cand_queued = 1;
-	}
+	if (!st->cand_queued)  /* the queue was full last time */
+		queue_candidate(st);
 }
 
 int NA_PROG_MSG(struct sk_msg_md *msg)

@@ -21,8 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ import yaml
 from kubernetes import client
 from pyroute2 import NetNS
 
-from lab.apiserver import APIServer, free_port
+from lab.apiserver import APIServer
 from lab.kube import Cluster, apply_rbac, service_account_token, unique, write_kubeconfig
 from lab.testbed import Testbed
 from node_helper import kernel, sockets
@@ -42,7 +40,7 @@ from node_helper.desired import ACCELERATE, VM_CHECKSUM
 from node_helper.vm.plan import read_filters
 from tests.k8s.conftest import REPO
 from tests.kernel.conftest import assert_nothing_of_ours, assert_testing_this_checkout
-from tests.kernel.test_agent import Stream, wait_for
+from tests.kernel.test_agent import AgentProc, Stream, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
 NETACCEL = [sys.executable, "-m", "node_helper.cli"]
@@ -126,65 +124,11 @@ def kubeconfig(apiserver: APIServer, admin: client.ApiClient, tmp_path: Path) ->
     return write_kubeconfig(tmp_path / "kubeconfig", apiserver.url, apiserver.ca_file, token)
 
 
-class AgentProc:
-    """One `netaccel node run --kubernetes` subprocess, its JSON log and its HTTP port."""
-
-    def __init__(self, w: World, kubeconfig: Path, log: Path):
-        self.log = log
-        self.port = free_port()
-        self.out = log.open("a")
-        assert w.bed.kubelet_root is not None
-        self.proc = subprocess.Popen(
-            [*NETACCEL, "node", "run", "--kubernetes", "--node-name", w.node, "--kubeconfig",
-             str(kubeconfig), "--kubelet-root", str(w.bed.kubelet_root), "--metrics-bind",
-             f"127.0.0.1:{self.port}", "--resync", "3"],
-            stdout=self.out, stderr=self.out, cwd=REPO)
-        wait_for(lambda: self.event("http_listening"), 30, "the agent's HTTP port")
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
-
-    def events(self, event: str, **match: Any) -> list[dict[str, Any]]:
-        assert self.proc.poll() is None, f"agent exited {self.proc.returncode}:\n" + \
-            self.log.read_text()[-3000:]
-        return [r for r in self.records() if r.get("event") == event
-                and all(r.get(k) == v for k, v in match.items())]
-
-    def event(self, event: str, **match: Any) -> dict[str, Any] | None:
-        found = self.events(event, **match)
-        return found[0] if found else None
-
-    def source_lines(self, event: str) -> list[str]:
-        """The Kubernetes source's log lines (`event=<name> k=v ...` in msg)."""
-        return [r["msg"] for r in self.records()
-                if r.get("logger") == "netaccel.source.kubernetes"
-                and r["msg"].startswith(f"event={event}")]
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def ready(self) -> dict[str, Any]:
-        code, body = self.get("/readyz")
-        return json.loads(body) if code == 200 else {}
-
-    def metric(self, name: str, labels: str = "") -> float | None:
-        _, body = self.get("/metrics")
-        for line in body.splitlines():
-            if line.startswith(f"{name}{labels} "):
-                return float(line.rsplit(" ", 1)[1])
-        return None
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(30)
-        finally:
-            self.out.close()
+def start_agent(w: World, kubeconfig: Path, log: Path) -> AgentProc:
+    """`netaccel node run --kubernetes` with the ServiceAccount's kubeconfig."""
+    assert w.bed.kubelet_root is not None
+    return AgentProc(["--kubernetes", "--node-name", w.node, "--kubeconfig", str(kubeconfig),
+                      "--kubelet-root", str(w.bed.kubelet_root)], log)
 
 
 @pytest.fixture
@@ -193,7 +137,7 @@ def agent(world: World, kubeconfig: Path, tmp_path: Path) -> Iterator[Any]:
     started: list[AgentProc] = []
 
     def start() -> AgentProc:
-        started.append(AgentProc(world, kubeconfig, tmp_path / f"agent{len(started)}.log"))
+        started.append(start_agent(world, kubeconfig, tmp_path / f"agent{len(started)}.log"))
         return started[-1]
 
     try:

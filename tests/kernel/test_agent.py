@@ -63,27 +63,36 @@ def netaccel(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 class AgentProc:
-    """One `netaccel node run` subprocess, its log and its HTTP port."""
+    """One `netaccel node run <args>` subprocess, its JSON log and its HTTP port (also used
+    by tests/k8s/test_agent_e2e.py)."""
 
-    def __init__(self, static: Path, log: Path):
+    def __init__(self, args: list[str], log: Path):
         self.log = log
         self.out = log.open("a")
         self.proc = subprocess.Popen(
-            [*NETACCEL, "node", "run", "--static", str(static), "--metrics-bind",
-             "127.0.0.1:0", "--resync", "3"], stdout=self.out, stderr=self.out, cwd=REPO)
-        listening = wait_for(lambda: self._event("http_listening"), 30, "the HTTP port")
+            [*NETACCEL, "node", "run", *args, "--metrics-bind", "127.0.0.1:0", "--resync", "3"],
+            stdout=self.out, stderr=self.out, cwd=REPO)
+        listening = wait_for(lambda: self.event("http_listening"), 30, "the agent's HTTP port")
         self.port = listening["port"]
 
-    def _event(self, event: str) -> dict[str, Any] | None:
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()]  # JSON lines
+
+    def events(self, event: str, **match: Any) -> list[dict[str, Any]]:
         assert self.proc.poll() is None, f"agent exited {self.proc.returncode}:\n" + \
             self.log.read_text()[-3000:]
-        return next((r for r in self.records() if r.get("event") == event), None)
+        return [r for r in self.records() if r.get("event") == event
+                and all(r.get(k) == v for k, v in match.items())]
 
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            out.append(json.loads(line))  # every line is one JSON object
-        return out
+    def event(self, event: str, **match: Any) -> dict[str, Any] | None:
+        found = self.events(event, **match)
+        return found[0] if found else None
+
+    def source_lines(self, event: str) -> list[str]:
+        """The Kubernetes source's log lines (`event=<name> k=v ...` in msg)."""
+        return [r["msg"] for r in self.records()
+                if r.get("logger") == "netaccel.source.kubernetes"
+                and r["msg"].startswith(f"event={event}")]
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -137,7 +146,7 @@ def agent(bed: Testbed, tmp_path: Path) -> Iterator[Callable[[], AgentProc]]:
     started: list[AgentProc] = []
 
     def start() -> AgentProc:
-        started.append(AgentProc(tmp_path / "desired.yaml",
+        started.append(AgentProc(["--static", str(tmp_path / "desired.yaml")],
                                  tmp_path / f"agent{len(started)}.log"))
         return started[-1]
 
