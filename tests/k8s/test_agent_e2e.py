@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +27,6 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from pyroute2 import NetNS
 
 from lab.apiserver import APIServer
 from lab.kube import Cluster, apply_rbac, service_account_token, unique, write_kubeconfig
@@ -37,19 +34,19 @@ from lab.testbed import Testbed
 from node_helper import kernel, sockets
 from node_helper import vm as vm_api
 from node_helper.desired import ACCELERATE, VM_CHECKSUM
-from node_helper.vm.plan import read_filters
 from tests.k8s.conftest import REPO
-from tests.kernel.conftest import assert_nothing_of_ours, assert_testing_this_checkout
-from tests.kernel.test_agent import AgentProc, Stream, wait_for
+from tests.kernel.conftest import assert_testing_this_checkout
+from tests.kernel.test_agent import (
+    AgentProc,
+    Stream,
+    agents_then_cleanup,
+    assert_clean,
+    netaccel,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
-NETACCEL = [sys.executable, "-m", "node_helper.cli"]
 RBAC = REPO / "deploy" / "rbac.yaml"
-
-
-def netaccel(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(NETACCEL + list(args), capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
 
 
 @dataclass
@@ -134,36 +131,9 @@ def start_agent(w: World, kubeconfig: Path, log: Path) -> AgentProc:
 @pytest.fixture
 def agent(world: World, kubeconfig: Path, tmp_path: Path) -> Iterator[Any]:
     """Starts agents; kills them, runs `netaccel node cleanup` and checks nothing is left."""
-    started: list[AgentProc] = []
-
-    def start() -> AgentProc:
-        started.append(start_agent(world, kubeconfig, tmp_path / f"agent{len(started)}.log"))
-        return started[-1]
-
-    try:
+    with agents_then_cleanup(world.bed, lambda log: start_agent(world, kubeconfig, log),
+                             tmp_path) as start:
         yield start
-    finally:
-        for a in started:
-            a.stop(signal.SIGKILL)
-        res = netaccel("node", "cleanup", "--json")
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert_clean(world.bed)
-
-
-def assert_clean(bed: Testbed) -> None:
-    """Nothing of ours: no program of our names on the cgroup root, no pins under
-    /sys/fs/bpf/<instance>, no filter or qdisc of ours on any testbed device."""
-    assert_nothing_of_ours()
-    assert not (kernel.BPFFS / kernel.instance()).exists()
-    for name in [bed.node_netns, *[p.netns for p in bed.pods],
-                 *[v.launcher_netns for v in bed.vms]]:
-        with NetNS(name) as ns:
-            for link in ns.get_links():
-                filters, _ = read_filters(ns, link["index"])
-                assert filters == [], f"{name}/{link.get_attr('IFLA_IFNAME')}: {filters}"
-    for v in bed.vms:
-        st = vm_api.status(v.launcher_netns)
-        assert st["datapath"] is None and set(st["qdiscs"].values()) == {None}, st
 
 
 def vm_state(bed: Testbed, j: int) -> dict[str, Any]:

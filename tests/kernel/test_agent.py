@@ -143,11 +143,20 @@ def bed() -> Iterator[Testbed]:
 @pytest.fixture
 def agent(bed: Testbed, tmp_path: Path) -> Iterator[Callable[[], AgentProc]]:
     """Starts agents on `tmp_path/desired.yaml`; kills them and runs `node cleanup` after."""
+    with agents_then_cleanup(bed, lambda log: AgentProc(
+            ["--static", str(tmp_path / "desired.yaml")], log), tmp_path) as start:
+        yield start
+
+
+@contextlib.contextmanager
+def agents_then_cleanup(bed: Testbed, make: Callable[[Path], AgentProc],
+                        tmp_path: Path) -> Iterator[Callable[[], AgentProc]]:
+    """Yields `start()` (a new agent, logging to tmp_path/agent<n>.log); afterwards, also
+    when the test failed: kill -9 them all, `netaccel node cleanup`, assert_clean."""
     started: list[AgentProc] = []
 
     def start() -> AgentProc:
-        started.append(AgentProc(["--static", str(tmp_path / "desired.yaml")],
-                                 tmp_path / f"agent{len(started)}.log"))
+        started.append(make(tmp_path / f"agent{len(started)}.log"))
         return started[-1]
 
     try:
@@ -161,6 +170,8 @@ def agent(bed: Testbed, tmp_path: Path) -> Iterator[Callable[[], AgentProc]]:
 
 
 def assert_clean(bed: Testbed) -> None:
+    """Nothing of ours: no program of our names on the cgroup root, no pins under
+    /sys/fs/bpf/<instance>, no filter or qdisc of ours on any testbed device."""
     assert_nothing_of_ours()
     assert not (kernel.BPFFS / kernel.instance()).exists()
     for name in [bed.node_netns, *[p.netns for p in bed.pods],
@@ -169,8 +180,9 @@ def assert_clean(bed: Testbed) -> None:
             for link in ns.get_links():
                 filters, _ = read_filters(ns, link["index"])
                 assert filters == [], f"{name}/{link.get_attr('IFLA_IFNAME')}: {filters}"
-    st = vm_api.status(bed.vms[0].launcher_netns)
-    assert st["datapath"] is None and set(st["qdiscs"].values()) == {None}
+    for v in bed.vms:
+        st = vm_api.status(v.launcher_netns)
+        assert st["datapath"] is None and set(st["qdiscs"].values()) == {None}, st
 
 
 def holder_path(bed: Testbed) -> str:
