@@ -168,7 +168,11 @@ def start_proxy(netns: str, timeout: float = 10.0) -> int:
                                 "--clear-groups", "haproxy", "-W", "-db", "-f", str(cfg),
                                 "-p", str(pidfile)],
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True)
+                        start_new_session=True,
+                        # HAProxy returns to its starting folder after reading the config:
+                        # as UID 1337 it may not enter the caller's (a clone under a
+                        # `mktemp -d` folder, mode 700, failed), so start in its own.
+                        cwd=d)
     _children[netns] = proc
     deadline = time.monotonic() + timeout
     while not proxy_pid(netns):
