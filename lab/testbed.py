@@ -690,6 +690,9 @@ def _destroy_qemu_guests(number: int) -> None:
         return
     from lab import qemu_guest
 
+    # The socket outlives libvirtd (a reboot, a killed daemon): its domains come back when it
+    # starts, so start it rather than fail or skip them.
+    qemu_guest.ensure_libvirtd()
     prefix = f"{QEMU_DOMAIN_PREFIX}{number}-"
     for name in qemu_guest.domain_names(prefix):
         qemu_guest.release(name)
