@@ -21,17 +21,9 @@ from lab.testbed import Testbed
 from node_helper import demote, sockets
 
 from .conftest import FAMILIES, Bypass, client_socket, delta, listen, next_port, target
+from .streams import pattern
 
 pytestmark = pytest.mark.kernel
-PERIOD = 251
-PATTERN = bytes(range(PERIOD)) * (2 + 70000 // PERIOD)
-
-
-def _pattern(offset: int, length: int) -> bytes:
-    start = offset % PERIOD
-    return PATTERN[start:start + length]
-
-
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -63,7 +55,7 @@ class Conn:
                     chunk = rx.recv(1 << 16)
                     if not chunk:
                         break
-                    if chunk != _pattern(got, len(chunk)):
+                    if chunk != pattern(got, len(chunk)):
                         errors.append(f"{self.kind}: wrong bytes at offset {got}")
                         return
                     got += len(chunk)
@@ -78,7 +70,7 @@ class Conn:
         while time.monotonic() < end:
             for _ in range(64):
                 n = rng.randint(1, 300) if small else rng.choice([4096, 16384, 65536])
-                tx.sendall(_pattern(sent, n))
+                tx.sendall(pattern(sent, n))
                 sent += n
         tx.shutdown(socket.SHUT_WR)
         th.join(60)
@@ -92,12 +84,12 @@ class Conn:
     def _ping_pong(self, a: socket.socket, b: socket.socket, rounds: int) -> None:
         for i in range(rounds):
             n = self.rng.randint(1, 200)
-            a.sendall(_pattern(i, n))
-            if _recv_exact(b, n) != _pattern(i, n):
+            a.sendall(pattern(i, n))
+            if _recv_exact(b, n) != pattern(i, n):
                 raise AssertionError(f"{self.kind}: wrong request {i}")
             m = self.rng.randint(1, 200)
-            b.sendall(_pattern(i + 7, m))
-            if _recv_exact(a, m) != _pattern(i + 7, m):
+            b.sendall(pattern(i + 7, m))
+            if _recv_exact(a, m) != pattern(i + 7, m):
                 raise AssertionError(f"{self.kind}: wrong response {i}")
 
     def run(self, cl: socket.socket, srv: socket.socket) -> str | None:
@@ -109,12 +101,12 @@ class Conn:
             elif self.kind == "stream":
                 greeting = self.rng.choice([0, 0, 1, 5000, 20000])
                 if greeting:  # y speaks first; x reads it only after its stream
-                    y.sendall(_pattern(3, greeting))
+                    y.sendall(pattern(3, greeting))
                 else:
                     self.forcible.set()
                 self._stream(x, y, self.rng.uniform(0.03, 0.3), small=True)
                 self.forcible.clear()
-                if greeting and _recv_exact(x, greeting) != _pattern(3, greeting):
+                if greeting and _recv_exact(x, greeting) != pattern(3, greeting):
                     raise AssertionError("stream: wrong greeting")
             elif self.kind == "mixed":
                 self._ping_pong(x, y, self.rng.randint(5, 50))
@@ -131,10 +123,10 @@ class Conn:
         sent = 0
         for _ in range(n_msgs):
             n = self.rng.randint(1, 300)
-            x.sendall(_pattern(sent, n))
+            x.sendall(pattern(sent, n))
             sent += n
         got = _recv_exact(y, sent)
-        if any(got[i:i + 60000] != _pattern(i, len(got[i:i + 60000]))
+        if any(got[i:i + 60000] != pattern(i, len(got[i:i + 60000]))
                for i in range(0, sent, 60000)):
             raise AssertionError("mixed: wrong stream")
         self._ping_pong(x, y, self.rng.randint(5, 50))

@@ -30,7 +30,7 @@ from .conftest import (
     target,
     veth_packets,
 )
-from .test_bypass_integrity import PERIOD
+from .streams import PERIOD
 
 pytestmark = pytest.mark.kernel
 MB = 1 << 20

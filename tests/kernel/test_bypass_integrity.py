@@ -4,15 +4,11 @@ connections, turning the bypass off mid-stream, and the enabling process dying."
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import random
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,70 +27,9 @@ from .conftest import (
     next_port,
     target,
 )
+from .streams import MAX_SIZE, Stream, client, serve
 
 pytestmark = pytest.mark.kernel
-HEADER = struct.Struct("!cII")  # op, size, seed
-MAX_SIZE = 256 * 1024
-
-
-def _payload(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """E: echo as it arrives; U: read all, answer sha256; D: send the seeded payload."""
-    try:
-        op, size, seed = HEADER.unpack(await reader.readexactly(HEADER.size))
-        if op == b"E":
-            left = size
-            while left:
-                chunk = await reader.read(min(left, 65536))
-                if not chunk:
-                    raise ConnectionError("echo: early EOF")
-                writer.write(chunk)
-                await writer.drain()
-                left -= len(chunk)
-        elif op == b"U":
-            writer.write(hashlib.sha256(await reader.readexactly(size)).digest())
-        else:
-            writer.write(_payload(seed, size))
-        await writer.drain()
-    finally:
-        writer.close()
-
-
-async def _send_in_pieces(sock: socket.socket, data: bytes, seed: int) -> None:
-    """Several sendmsg calls back to back: the ones after a miss must not overtake it."""
-    loop = asyncio.get_running_loop()
-    rng = random.Random(seed)
-    cuts = sorted({0, len(data), *(rng.randint(1, len(data)) for _ in range(rng.randint(1, 4)))})
-    for a, b in itertools.pairwise(cuts):
-        await loop.sock_sendall(sock, data[a:b])
-
-
-async def _client(sock: socket.socket, addr: tuple[str, int], op: bytes, size: int,
-                  seed: int) -> bool:
-    """Connect and send at once; True when every byte that came back is right."""
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, addr)
-    data = _payload(seed, size) if op != b"D" else b""
-    # The first message goes out right after connect: the window where the passive side may
-    # not be in the sockhash yet.
-    sending = loop.create_task(_send_in_pieces(sock, HEADER.pack(op, size, seed) + data, seed))
-    want = {b"E": size, b"U": 32, b"D": size}[op]
-    got = bytearray()
-    while len(got) < want:
-        chunk = await loop.sock_recv(sock, 1 << 17)
-        if not chunk:
-            break
-        got += chunk
-    await sending
-    sock.close()
-    if op == b"E":
-        return bytes(got) == data
-    if op == b"U":
-        return bytes(got) == hashlib.sha256(data).digest()
-    return bytes(got) == _payload(seed, size)
 
 
 async def _many(src: Pod, dst: Pod, plan: list[tuple[str, bool, bytes, int, int]]) -> list[bool]:
@@ -109,14 +44,14 @@ async def _many(src: Pod, dst: Pod, plan: list[tuple[str, bool, bytes, int, int]
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)  # must miss
             ls = listen(dst, family, port, backlog=2048, setup=setup)
             ls.setblocking(False)
-            servers.append(await asyncio.start_server(_serve, sock=ls, backlog=2048))
+            servers.append(await asyncio.start_server(serve, sock=ls, backlog=2048))
             ports[family, defer] = port
     try:
         jobs = []
         for family, defer, op, size, seed in plan:
             sock = client_socket(src, family)
             sock.setblocking(False)
-            jobs.append(_client(sock, target(dst, family, ports[family, defer]), op, size, seed))
+            jobs.append(client(sock, target(dst, family, ports[family, defer]), op, size, seed))
         return await asyncio.wait_for(asyncio.gather(*jobs), 120)
     finally:
         for srv in servers:
@@ -149,59 +84,6 @@ def test_many_connections_send_immediately(testbed: Testbed, bypass: Bypass) -> 
 
 
 # --- turning it off mid-stream ---------------------------------------------------------------
-
-PERIOD = 251  # a prime period: a lost, duplicated or reordered chunk cannot line up again
-PATTERN = bytes(range(PERIOD)) * (2 + (1 << 17) // PERIOD)
-
-
-def _pattern(offset: int, length: int) -> bytes:
-    start = offset % PERIOD
-    return PATTERN[start:start + length]
-
-
-class Stream:
-    """One direction: a sender thread writes the pattern until told to stop, then SHUT_WR; a
-    receiver thread checks every byte in order."""
-
-    def __init__(self, tx: socket.socket, rx: socket.socket, seed: int) -> None:
-        self.tx, self.rx, self.rng = tx, rx, random.Random(seed)
-        self.sent = self.received = 0
-        self.error: str | None = None
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._send), threading.Thread(target=self._recv)]
-
-    def start(self) -> None:
-        for th in self.threads:
-            th.start()
-
-    def _send(self) -> None:
-        try:
-            while not self.stop.is_set():
-                n = self.rng.choice([1, 100, 1460, 4096, 65536, self.rng.randint(1, 1 << 17)])
-                self.tx.sendall(_pattern(self.sent, n))
-                self.sent += n
-            self.tx.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            self.error = f"send: {exc}"
-
-    def _recv(self) -> None:
-        try:
-            while True:
-                chunk = self.rx.recv(1 << 17)
-                if not chunk:
-                    return
-                if chunk != _pattern(self.received, len(chunk)):
-                    self.error = f"wrong bytes at offset {self.received}"
-                    return
-                self.received += len(chunk)
-        except OSError as exc:
-            self.error = f"recv: {exc}"
-
-    def join(self, timeout: float) -> None:
-        for th in self.threads:
-            th.join(timeout)
-            assert not th.is_alive(), "stream stalled"
-
 
 def test_disable_while_streams_run(testbed: Testbed, bypass: Bypass) -> None:
     p0, p1 = testbed.pods[:2]
