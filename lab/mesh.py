@@ -27,10 +27,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,13 @@ COMMIT
 )
 # An empty nat table: what `redirect(netns, False)` leaves (the "no mesh" reference).
 NO_RULES = "*nat\nCOMMIT\n"
+
+# The IPv6 half (ipv6_sidecar): the same rules for ip6tables, with ::1 and ::6 (Istio's IPv6
+# inbound passthrough source) in place of 127.0.0.1 and 127.0.0.6.
+INBOUND_PASSTHROUGH_SOURCE6 = "::6"
+RULES6 = (RULES.replace(f"-s {INBOUND_PASSTHROUGH_SOURCE}/32",
+                        f"-s {INBOUND_PASSTHROUGH_SOURCE6}/128")
+          .replace("127.0.0.1/32", "::1/128"))
 
 # One line per proxied connection in haproxy.log (parse_log): the accepted connection
 # (client -> local address), the connection HAProxy made (source -> server), bytes, state.
@@ -212,6 +222,49 @@ def stop_proxy(netns: str, timeout: float = 5.0) -> None:
             raise MeshError(f"HAProxy in {netns} still runs after SIGKILL: {sorted(pids)}")
         time.sleep(0.02)
     (pod_dir(netns) / "haproxy.pid").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def ipv6_sidecar(netns: str, timeout: float = 10.0) -> Iterator[int]:
+    """The pod's IPv6 sidecar while the block runs: Istio's rules for ip6tables, ::6 on lo,
+    and lab/odproxy.py (HAProxy 2.6 cannot: IPV6_NOTE) as UID 1337; yields its pid. Afterwards
+    the proxy is killed and reaped, the rules and the address removed."""
+    from pyroute2 import NetNS
+
+    from lab.testbed import popen_in
+
+    def restore(text: str) -> None:
+        proc = subprocess.run(netns_argv(netns, ["ip6tables-nft-restore"]), input=text,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise MeshError(f"ip6tables-nft-restore in {netns} exited {proc.returncode}: "
+                            f"{proc.stderr.strip()} (is the iptables package installed?)")
+
+    with NetNS(netns) as ns:
+        lo = ns.link_lookup(ifname="lo")[0]
+        ns.addr("replace", index=lo, address=INBOUND_PASSTHROUGH_SOURCE6, prefixlen=128)
+    proc = None
+    try:
+        restore(RULES6)
+        # It drops to UID 1337 itself, after its imports (the clone may sit in a folder
+        # 1337 cannot enter).
+        proc = popen_in(netns, [sys.executable, "-m", "lab.odproxy", "--uid", str(PROXY_UID),
+                                "--source", INBOUND_PASSTHROUGH_SOURCE6],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                        cwd=Path(__file__).parents[1], start_new_session=True)
+        ready = select.select([proc.stdout], [], [], timeout)[0]
+        if not ready or proc.stdout.readline().strip() != "ready":
+            raise MeshError(f"the IPv6 sidecar (lab/odproxy.py) did not start in {netns}")
+        yield proc.pid
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout)
+        with contextlib.suppress(MeshError):
+            restore(NO_RULES)
+        with contextlib.suppress(Exception), NetNS(netns) as ns:
+            ns.addr("del", index=ns.link_lookup(ifname="lo")[0],
+                    address=INBOUND_PASSTHROUGH_SOURCE6, prefixlen=128)
 
 
 def _state(pid: int) -> str:
