@@ -29,6 +29,14 @@ struct lpm_key {
 	__u32 addr[4];
 };
 
+/* Kinds of socket pairs (sockmap.c, PAIRING): which hop of a request a pair carries.
+ * Indexes of the per-kind counters and peer_sock.kind. */
+#define PAIR_POD_POD 0      /* no address rewritten: the two ends' 4-tuples mirror each other */
+#define PAIR_OUTBOUND 1     /* app -> its own sidecar (the app's connection was REDIRECTed) */
+#define PAIR_INBOUND 2      /* sidecar -> app, from a loopback source (Istio: 127.0.0.6) */
+#define PAIR_PROXY_PROXY 3  /* across pods, REDIRECTed at the receiver (its inbound sidecar) */
+#define PAIR_KINDS 4
+
 /* Node-wide counters of the bypass (one per-CPU array slot; user space sums the CPUs). */
 struct bypass_counters {
 	__u64 redirected_msgs;
@@ -52,6 +60,9 @@ struct bypass_counters {
 	__u64 demote_candidates;   /* directions that streamed small messages one-way: queued for
 	                            * demotion (their socket leaves the sockhash; DEMOTION) */
 	__u64 fallback_dirs_demote;    /* directions moved to TCP: the socket they send into leaves */
+	__u64 skipped_unpaired;    /* accepted sockets whose connecting end is not bypassed */
+	__u64 pairs[PAIR_KINDS];   /* socket pairs formed, by kind (PAIR_*) */
+	__u64 pair_redirected_bytes[PAIR_KINDS];  /* redirected bytes, by the pair's kind */
 };
 
 /* The loader's settings for the bypass's flow control (one array slot, netaccel_cfg). */
@@ -66,7 +77,9 @@ struct bypass_config {
 	__u64 demote_window_ns;
 };
 
-/* A bypassed socket as a redirect target (netaccel_peers, keyed by its own sock_key). */
+/* A bypassed socket as a redirect target (netaccel_peers, keyed by the key its sender looks
+ * up: its own 4-tuple, or for an accepted socket whose connection was REDIRECTed, the
+ * connecting socket's 4-tuple reversed; sockmap.c, PAIRING). */
 struct peer_sock {
 	__u64 sk;      /* its kernel struct sock address: read only with bpf_probe_read_kernel */
 	__u64 cookie;  /* its socket cookie: only its own close removes the entry */
@@ -85,6 +98,7 @@ struct peer_sock {
 	__u64 in_small;      /* ... smaller than demote_small_bytes */
 	__u32 doomed;        /* 1: bytes may be stranded: refuse the sender, user space resets */
 	__u32 passive;       /* 1: an accepted socket (its local port names the workload) */
+	__u32 kind;          /* PAIR_*: the kind of pair this socket belongs to, once paired */
 };
 
 /* Workloads the bypass leaves alone (netaccel_nobypass): an address and a local port, or
@@ -115,8 +129,8 @@ struct splice_event {
 };
 
 /* A direction that qualified for demotion (netaccel_demote, a queue user space drains): the
- * SENDING socket's own 4-tuple (as in sock_key) and cookie.  User space removes that socket
- * from the sockhash once it is safe (node_helper/demote.py). */
+ * SENDING socket's sockhash key (its netaccel_peers key, as in sock_key) and cookie.  User
+ * space removes that socket from the sockhash once it is safe (node_helper/demote.py). */
 struct demote_candidate {
 	__u32 local[4];
 	__u32 remote[4];

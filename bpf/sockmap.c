@@ -7,13 +7,69 @@
  * cgroup root by those names after a crash.
  *
  *   netaccel_ops  (BPF_PROG_TYPE_SOCK_OPS, cgroup v2 root, BPF_F_ALLOW_MULTI)
- *       On ACTIVE_ESTABLISHED / PASSIVE_ESTABLISHED of a TCP socket whose two
- *       ends are both in netaccel_accel (the accelerated set), it inserts the
- *       socket into netaccel_socks, keyed by its 4-tuple.
+ *       On ACTIVE_ESTABLISHED of a TCP socket whose ends are in netaccel_accel
+ *       (the accelerated set; one end may be a loopback address), it inserts
+ *       the socket into netaccel_socks, keyed by its 4-tuple; on
+ *       PASSIVE_ESTABLISHED, an accepted socket is inserted if it pairs with
+ *       such a connecting socket (PAIRING), keyed by that socket's 4-tuple
+ *       reversed.
  *   netaccel_msg  (BPF_PROG_TYPE_SK_MSG, SK_MSG_VERDICT on netaccel_socks)
  *       Runs on every sendmsg()/sendfile() of a socket in netaccel_socks and
  *       hands the payload straight to the peer socket's receive queue
  *       (bpf_msg_redirect_hash(..., BPF_F_INGRESS)).
+ *
+ * PAIRING: a connection's two sockets are paired when the accepting one is
+ * established, whatever NAT did to the addresses in between.  A service mesh
+ * (Istio's REDIRECT rules, docs/mesh.md) makes three pairs per hop out of a
+ * pod-to-pod request, and in two of them the two 4-tuples do not mirror each
+ * other: the app's socket keeps the original destination while the sidecar's
+ * accepted socket sees 127.0.0.1:15001 (outbound), and the outbound sidecar's
+ * connection keeps the destination port while the peer's inbound sidecar
+ * sees port 15006 (proxy-proxy).  REDIRECT rewrites addresses and ports, never
+ * TCP sequence numbers, so:
+ *  - A connecting socket X, at ACTIVE_ESTABLISHED, inserts itself under its own
+ *    4-tuple and indexes itself in netaccel_active under (its local address,
+ *    local port, snd_nxt), with its rcv_nxt.  Both numbers are the handshake's:
+ *    snd_nxt = X's initial sequence number + 1, rcv_nxt = the accepting side's
+ *    + 1 (ordering rule 1: no data sent yet).
+ *  - An accepted socket Y, at PASSIVE_ESTABLISHED, looks up (its remote
+ *    address, remote port, rcv_nxt) — its remote end is X's local end, NAT or
+ *    not (REDIRECT rewrites the destination only) — and accepts the entry only
+ *    if X's rcv_nxt equals Y's snd_nxt.  Y is then inserted under X's 4-tuple
+ *    reversed, the key X's sk_msg sends to, and sends to X's 4-tuple; with no
+ *    NAT that is Y's own 4-tuple and nothing differs from plain pod-to-pod.
+ *    The entry is consumed (deleted), or deleted when X closes unpaired.  An
+ *    accepted socket that pairs with nothing is not inserted
+ *    (skipped_unpaired): its connecting end is not bypassed or not on this node.
+ *  - An aliased Y (key not its own 4-tuple) is also in netaccel_alias (own
+ *    4-tuple -> key), for the splice guard, which starts from the socket.
+ *  Why it cannot pair the wrong sockets: the index key holds X's local end
+ *  (unique on the node for a pod address, up to the rare sharing of an
+ *  ephemeral port across destinations; 127.0.0.6 is in every meshed pod) and
+ *  X's initial sequence number; the check adds the accepting side's.  Those are two 32-bit numbers the kernel draws per
+ *  connection (secure_tcp_seq: keyed hash of the 4-tuple plus a clock), and
+ *  each side's is the other's acknowledgement in the handshake, so a wrong
+ *  pair would need two other sockets whose handshakes agree on 64 bits.  Two
+ *  apps connecting to the same service at once have different local ends and
+ *  different sequence numbers; a reused port is a new connection with new
+ *  sequence numbers, and the old entry went when its socket closed (cookie
+ *  checked); a NAT source-port clash remap (the proxy sees another port) finds
+ *  nothing or fails the check.  A connection to a remote node is never
+ *  inserted: its remote address is not in the set, so its socket is not
+ *  indexed, and the remote's accepted socket is on another node.  Each entry is
+ *  inserted with BPF_NOEXIST: a colliding one is left alone, the later socket
+ *  then pairs with nothing (no bypass, never a wrong one).
+ *  Loopback ends: the outbound sidecar's accepted socket (127.0.0.1:15001) and
+ *  the inbound sidecar's connection to the app (from 127.0.0.6, Istio's
+ *  inbound passthrough source; ::6 in IPv6) have a loopback end; such a
+ *  socket never leaves its namespace, so one loopback end with the other in
+ *  the set is accepted.  Both loopback: never.
+ *  Ordering (rules 1-4 below) holds for every pair unchanged: X is indexed and
+ *  inserted before its final ACK is sent, so Y's PASSIVE_ESTABLISHED (which that
+ *  ACK or a later segment triggers) always finds it; each socket is inserted
+ *  before its application can send; a message that finds no peer falls back
+ *  for good.  The pair's kind (PAIR_* in netaccel_abi.h: pod-pod, outbound,
+ *  inbound, proxy-proxy) is decided at pairing and counted per kind.
  *
  * Addresses are normalised to 16 bytes: IPv4 becomes ::ffff:a.b.c.d, so an
  * AF_INET client and the AF_INET6 socket a dual-stack listener accepts for it
@@ -295,7 +351,14 @@ struct conn_state {
 	__u64 sk;         /* this socket's struct sock address, as a plain number */
 	__u64 mem_addr;   /* &sk->sk_prot->memory_allocated->counter (TCP's, node-wide) */
 	__u64 cookie;
-	struct sock_key key;  /* this socket's own key (its netaccel_peers entry) */
+	struct sock_key key;   /* our sockhash and netaccel_peers key (PAIRING: the key the peer
+	                        * sends to; for an aliased socket not our own 4-tuple) */
+	struct sock_key peer;  /* the peer's key: where our messages go (key, reversed) */
+	struct sock_key own;   /* our own 4-tuple (the netaccel_alias key of an aliased socket) */
+	__u32 seq;             /* active: snd_nxt at ESTABLISHED (our netaccel_active key) */
+	__u32 indexed;         /* active: our netaccel_active entry may still be there */
+	__u32 aliased;         /* passive: our netaccel_alias entry is there */
+	__u32 pad1;
 	/* Decided once per peer and kept (see PER-MESSAGE COST): the peer's psock address. */
 	__u64 peer_psock;
 	/* DEMOTION: this direction's current run of small messages. */
@@ -317,6 +380,24 @@ BPF_F_TABLE("hash", struct no_bypass_key, __u32, netaccel_nobypass, 16384, BPF_F
 BPF_QUEUE(netaccel_events, struct splice_event, 1024);
 BPF_QUEUE(netaccel_demote, struct demote_candidate, 1024);
 BPF_ARRAY(netaccel_dstat, struct demote_counters, 1);  /* user space's; declared here to pin */
+
+/* PAIRING.  Only the programs use these two maps (not pinned: the programs hold them). */
+struct active_key {   /* a connecting socket: its local end and first unsent sequence number */
+	__u32 addr[4];
+	__u32 port;
+	__u32 seq;        /* snd_nxt at ACTIVE_ESTABLISHED: its initial sequence number + 1 */
+};
+struct active_val {
+	struct sock_key key;  /* the connecting socket's own 4-tuple (= its sockhash key) */
+	__u64 cookie;
+	__u32 rcv_nxt;        /* at ACTIVE_ESTABLISHED: the accepting end's ISN + 1 */
+	__u32 pad;
+};
+BPF_F_TABLE("hash", struct active_key, struct active_val, netaccel_active, 65536,
+	    BPF_F_NO_PREALLOC);
+/* An aliased (REDIRECTed, accepted) socket's own 4-tuple -> its sockhash key, for the splice
+ * guard, which starts from a socket's own addresses. */
+BPF_F_TABLE("hash", struct sock_key, struct sock_key, netaccel_alias, 65536, BPF_F_NO_PREALLOC);
 
 /* Copy the eight IPv6 address words of ctx.  Clang happily merges a load of
  * local_ip4 on one branch and of local_ip6[3] on the other into one load
@@ -347,10 +428,35 @@ static __always_inline void fill_v4(struct sock_key *k, __u32 local, __u32 remot
 	k->remote[3] = remote;
 }
 
-static __always_inline int in_set(__u32 a0, __u32 a1, __u32 a2, __u32 a3)
+static __always_inline int in_set(__u32 *a)
 {
-	struct lpm_key k = {.prefixlen = 128, .addr = {a0, a1, a2, a3}};
+	struct lpm_key k = {.prefixlen = 128, .addr = {a[0], a[1], a[2], a[3]}};
 	return netaccel_accel.lookup(&k) != NULL;
+}
+
+/* PAIRING: an address that stays inside its network namespace: 127.0.0.0/8 (also as
+ * ::ffff:127.x.y.z), ::1, and ::6 (Istio's IPv6 source for its inbound passthrough, an address
+ * it adds to lo).  Words are in network byte order. */
+static __always_inline int is_loopback(__u32 *a)
+{
+	if (a[0] || a[1])
+		return 0;
+	if (a[2] == __builtin_bswap32(0xffff))
+		return (__builtin_bswap32(a[3]) >> 24) == 127;
+	return !a[2] && (a[3] == __builtin_bswap32(1) || a[3] == __builtin_bswap32(6));
+}
+
+static __always_inline void reverse_key(struct sock_key *out, struct sock_key *in)
+{
+	__builtin_memcpy(out->local, in->remote, 16);
+	__builtin_memcpy(out->remote, in->local, 16);
+	out->lport = in->rport;
+	out->rport = in->lport;
+}
+
+static __always_inline int same_end(__u32 *a, __u32 ap, __u32 *b, __u32 bp)
+{
+	return ap == bp && a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
 /* Read a kernel word at addr (a plain number): 0 when the read faults. */
@@ -412,20 +518,69 @@ static __always_inline int on_state(struct bpf_sock_ops *skops)
 	if (pv && pv->cookie == st->cookie)
 		netaccel_peers.delete(&st->key);
 	st->in_peers = 0;
+	if (st->aliased) {
+		netaccel_alias.delete(&st->own);
+		st->aliased = 0;
+	}
+	if (st->indexed) {  /* never paired: nobody consumed our index entry */
+		struct active_key ak = {.port = st->own.lport, .seq = st->seq};
+		struct active_val *av;
+
+		__builtin_memcpy(ak.addr, st->own.local, 16);
+		av = netaccel_active.lookup(&ak);
+		if (av && av->cookie == st->cookie)
+			netaccel_active.delete(&ak);
+		st->indexed = 0;
+	}
 	return 1;
+}
+
+/* PAIRING: an accepted socket finds the connecting socket it belongs to.  The connecting
+ * socket indexed itself at its ACTIVE_ESTABLISHED under its local end and first sequence
+ * number; the accepted socket looks that up with its remote end and rcv_nxt, and checks the
+ * other half of the handshake (the connecting side's rcv_nxt is our snd_nxt).  0: no such
+ * socket (not bypassed, or not on this node).  Consumes the index entry. */
+static __always_inline int find_active(struct bpf_sock_ops *skops, struct sock_key *own,
+				       struct active_val *out)
+{
+	struct active_key ak = {.port = own->rport, .seq = CTX_U32(skops, rcv_nxt)};
+	struct active_val *av;
+
+	__builtin_memcpy(ak.addr, own->remote, 16);
+	av = netaccel_active.lookup(&ak);
+	if (!av || av->rcv_nxt != CTX_U32(skops, snd_nxt))
+		return 0;
+	__builtin_memcpy(out, av, sizeof(*out));
+	netaccel_active.delete(&ak);
+	return 1;
+}
+
+/* PAIRING: which hop of a request the pair (connecting end a, accepting end p) carries. */
+static __always_inline __u32 pair_kind(struct sock_key *a, struct sock_key *p)
+{
+	if (is_loopback(a->local))
+		return PAIR_INBOUND;
+	if (is_loopback(p->local))
+		return PAIR_OUTBOUND;
+	if (!same_end(p->local, p->lport, a->remote, a->rport))
+		return PAIR_PROXY_PROXY;
+	return PAIR_POD_POD;
 }
 
 int NA_PROG_OPS(struct bpf_sock_ops *skops)
 {
 	__u32 op = CTX_U32(skops, op);
-	struct sock_key key = {};
+	struct sock_key own = {}, key = {};
+	struct active_val act = {};
+	struct active_key ak = {};
 	struct peer_sock pv = {};
 	struct bypass_counters *cnt;
 	struct conn_state *st;
+	struct peer_sock *apv;
 	struct bpf_sock *sk;
 	__u64 sk_addr, prot, mem;
-	__u32 zero = 0;
-	__u32 family;
+	__u32 zero = 0, kind = PAIR_POD_POD;
+	__u32 family, passive;
 	int rerr = 0;
 	long err;
 
@@ -434,12 +589,13 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
+	passive = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
 
 	family = CTX_U32(skops, family);
 	if (family == NA_AF_INET) {
-		fill_v4(&key, CTX_U32(skops, local_ip4), CTX_U32(skops, remote_ip4));
+		fill_v4(&own, CTX_U32(skops, local_ip4), CTX_U32(skops, remote_ip4));
 	} else if (family == NA_AF_INET6) {
-		READ_ADDRS(skops, key.local, key.remote);
+		READ_ADDRS(skops, own.local, own.remote);
 	} else {
 		return 1;
 	}
@@ -447,8 +603,10 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 	cnt = netaccel_cnt.lookup(&zero);
 	if (!cnt)
 		return 1;
-	if (!in_set(key.local[0], key.local[1], key.local[2], key.local[3]) ||
-	    !in_set(key.remote[0], key.remote[1], key.remote[2], key.remote[3])) {
+	/* One end in the accelerated set, the other in it too or a loopback address (PAIRING:
+	 * a connection from or to loopback never leaves its namespace). */
+	if (!(in_set(own.local) && (in_set(own.remote) || is_loopback(own.remote))) &&
+	    !(in_set(own.remote) && is_loopback(own.local))) {
 		cnt->skipped_not_in_set++;
 		return 1;
 	}
@@ -457,12 +615,24 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 		cnt->skipped_sent_data++;
 		return 1;
 	}
-	key.lport = CTX_U32(skops, local_port);
-	key.rport = REMOTE_PORT(CTX_U32(skops, remote_port));
+	own.lport = CTX_U32(skops, local_port);
+	own.rport = REMOTE_PORT(CTX_U32(skops, remote_port));
 	/* Rule 10: a workload that splices (learned) or opted out (configured). */
-	if (no_bypass(key.local, key.lport)) {
+	if (no_bypass(own.local, own.lport)) {
 		cnt->skipped_no_bypass++;
 		return 1;
+	}
+	/* PAIRING: a connecting socket is keyed by its own 4-tuple; an accepted one by the
+	 * connecting socket's 4-tuple reversed, the key that socket sends to. */
+	if (passive) {
+		if (!find_active(skops, &own, &act)) {
+			cnt->skipped_unpaired++;
+			return 1;
+		}
+		reverse_key(&key, &act.key);
+		kind = pair_kind(&act.key, &own);
+	} else {
+		__builtin_memcpy(&key, &own, sizeof(key));
 	}
 
 	sk = skops->sk;
@@ -480,6 +650,8 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 	st->fell_back = 0;
 	st->reason = 0;
 	st->in_peers = 0;
+	st->indexed = 0;
+	st->aliased = 0;
 	st->peer_psock = 0;
 	st->peer_seen = 0;
 	st->streak = 0;
@@ -499,28 +671,64 @@ int NA_PROG_OPS(struct bpf_sock_ops *skops)
 	st->mem_addr = mem;
 	st->cookie = bpf_get_socket_cookie(skops);
 	__builtin_memcpy(&st->key, &key, sizeof(key));
+	reverse_key(&st->peer, &key);
+	__builtin_memcpy(&st->own, &own, sizeof(own));
+	st->seq = CTX_U32(skops, snd_nxt);
 	/* Peer entry before the sockhash insert: a socket in the sockhash always
 	 * has one, so the sender's "no entry" is a miss like a sockhash miss.
 	 * Both BPF_NOEXIST: a duplicate 4-tuple (same addresses in two
 	 * namespaces) is left alone rather than stealing the other's slot. */
 	pv.sk = sk_addr;
 	pv.cookie = st->cookie;
-	pv.passive = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+	pv.passive = passive;
+	pv.kind = kind;
 	if (netaccel_peers.insert(&key, &pv) != 0) {
 		cnt->insert_errors++;
 		return 1;
 	}
-	err = netaccel_socks.sock_hash_update(skops, &key, BPF_NOEXIST);
-	if (err != 0) {
-		netaccel_peers.delete(&key);
-		cnt->insert_errors++;
-		return 1;
+	if (passive && !same_end(own.local, own.lport, key.local, key.lport)) {
+		if (netaccel_alias.insert(&own, &key) != 0)
+			goto undo_peers;
+		st->aliased = 1;
 	}
+	if (passive) {
+		/* The connecting socket's entry learns the pair's kind before we can be found
+		 * in the sockhash, so its first redirect to us is counted under it. */
+		apv = netaccel_peers.lookup(&act.key);
+		if (apv && apv->cookie == act.cookie)
+			apv->kind = kind;
+	}
+	err = netaccel_socks.sock_hash_update(skops, &key, BPF_NOEXIST);
+	if (err != 0)
+		goto undo_alias;
 	st->in_peers = 1;
+	if (passive) {
+		cnt->pairs[kind & (PAIR_KINDS - 1)]++;
+	} else {
+		/* Index last: an accepted socket can only pair with an inserted one. */
+		__builtin_memcpy(ak.addr, own.local, 16);
+		ak.port = own.lport;
+		ak.seq = st->seq;
+		__builtin_memcpy(&act.key, &own, sizeof(own));
+		act.cookie = st->cookie;
+		act.rcv_nxt = CTX_U32(skops, rcv_nxt);
+		if (netaccel_active.insert(&ak, &act) == 0)
+			st->indexed = 1;
+	}
 	/* Keep whatever flags other programs set; add the close callback. */
 	bpf_sock_ops_cb_flags_set(skops, CTX_U32(skops, bpf_sock_ops_cb_flags) |
 					 BPF_SOCK_OPS_STATE_CB_FLAG);
 	cnt->inserted++;
+	return 1;
+
+undo_alias:
+	if (st->aliased) {
+		netaccel_alias.delete(&own);
+		st->aliased = 0;
+	}
+undo_peers:
+	netaccel_peers.delete(&key);
+	cnt->insert_errors++;
 	return 1;
 }
 
@@ -656,7 +864,7 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	struct bpf_sock *sk;
 	__u64 peer_sk, ud, limit, alloc, psock;
 	__u32 zero = 0;
-	__u32 family, size, queued = 0, rcvbuf;
+	__u32 size, queued = 0, rcvbuf;
 	int rerr = 0;
 	long verdict;
 
@@ -674,14 +882,8 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 
-	/* The peer's key: our tuple swapped. */
-	family = CTX_U32(msg, family);
-	if (family == NA_AF_INET)
-		fill_v4(&peer, CTX_U32(msg, remote_ip4), CTX_U32(msg, local_ip4));
-	else
-		READ_ADDRS(msg, peer.remote, peer.local);
-	peer.rport = CTX_U32(msg, local_port);
-	peer.lport = REMOTE_PORT(CTX_U32(msg, remote_port));
+	/* The peer's key, decided at insert (PAIRING). */
+	__builtin_memcpy(&peer, &st->peer, sizeof(peer));
 	size = CTX_U32(msg, size);
 
 	cfg = netaccel_cfg.lookup(&zero);
@@ -761,6 +963,7 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	if (verdict == SK_PASS) {
 		cnt->redirected_msgs++;
 		cnt->redirected_bytes += size;
+		cnt->pair_redirected_bytes[pv->kind & (PAIR_KINDS - 1)] += size;
 		return SK_PASS;
 	}
 	/* Miss: the peer is not (or no longer) in the sockhash. */
@@ -775,7 +978,7 @@ static __always_inline int guard_read(__u64 fd, __u64 want)
 {
 	struct no_bypass_key learn = {};
 	struct splice_event ev = {};
-	struct sock_key key = {};
+	struct sock_key key = {}, *alias;
 	struct bypass_counters *cnt;
 	struct peer_sock *pv;
 	__u64 task, files, fdt, fdarr, file, sock, sk, ud;
@@ -815,6 +1018,10 @@ static __always_inline int guard_read(__u64 fd, __u64 want)
 	dport = kread_u16(sk + NA_OFF_SKC_DPORT, &rerr);        /* network order */
 	key.rport = __builtin_bswap16(dport);
 	pv = netaccel_peers.lookup(&key);
+	if (!pv || pv->sk != sk) {  /* PAIRING: an accepted socket keyed by its peer's tuple */
+		alias = netaccel_alias.lookup(&key);
+		pv = alias ? netaccel_peers.lookup(alias) : NULL;
+	}
 	cnt = netaccel_cnt.lookup(&zero);
 	if (rerr || !pv || pv->sk != sk || !cnt)
 		return 0;  /* not a socket of ours */

@@ -72,10 +72,19 @@ class KernelCollector:
         yield GaugeMetricFamily("netaccel_bypass_enabled",
                                 "1 when the socket bypass programs are attached",
                                 value=int(bool(st["enabled"])))
-        for name in sockets.COUNTERS.names:
+        for name in sockets.SCALAR_COUNTERS:
             yield CounterMetricFamily(f"netaccel_bypass_{name}",
                                       f"socket bypass counter {name} (all CPUs)",
                                       value=st.get(name, 0))
+        pairs = CounterMetricFamily("netaccel_bypass_hop_pairs",
+                                    "socket pairs formed, by hop", labels=["hop"])
+        nbytes = CounterMetricFamily("netaccel_bypass_hop_redirected_bytes",
+                                     "bytes redirected, by hop", labels=["hop"])
+        for hop, c in st.get("hops", {}).items():
+            pairs.add_metric([hop], c["pairs"])
+            nbytes.add_metric([hop], c["redirected_bytes"])
+        yield pairs
+        yield nbytes
         yield GaugeMetricFamily("netaccel_bypass_sockets", "sockets in the bypass sockhash",
                                 value=st.get("sockets", 0))
         yield GaugeMetricFamily("netaccel_bypass_sockets_max", "capacity of the sockhash",

@@ -92,6 +92,11 @@ LPM_KEY = bpf_abi.layout("lpm_key")
 PEER_SOCK = bpf_abi.layout("peer_sock")
 DEMOTE_CANDIDATE = bpf_abi.layout("demote_candidate")
 DEMOTE_COUNTERS = bpf_abi.layout("demote_counters")
+# Hops a socket pair can carry (sockmap.c, PAIRING), by their index in the per-kind counters.
+PAIR_KINDS = {bpf_abi.constant(f"PAIR_{name.upper().replace('-', '_')}"): name
+              for name in ("pod-pod", "outbound", "inbound", "proxy-proxy")}
+# The counters that are one number; the per-kind arrays are reported under "hops".
+SCALAR_COUNTERS = tuple(f.name for f in COUNTERS.fields if f.count == 1)
 TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
 # Per-connection floor of the bound on unread redirected bytes. The receiver's rcvbuf is not
 # autotuned for bypassed data (its initial 128 KiB would push every fast stream to TCP), and
@@ -333,7 +338,8 @@ def status() -> dict[str, Any]:
     """State, counters and flow-control settings, read from the pinned maps (any process)."""
     result: dict[str, Any] = {"enabled": False, "sockets": 0, "cidrs": [],
                               "pin_dir": str(PIN_DIR)}
-    result.update(dict.fromkeys(COUNTERS.names, 0))
+    result.update(dict.fromkeys(SCALAR_COUNTERS, 0))
+    result["hops"] = _hops(dict.fromkeys(COUNTERS.names, ()))
     result.update(dict.fromkeys(CONFIG.names, 0))
     result.update(dict.fromkeys(DEMOTE_COUNTERS.names, 0))
     try:
@@ -348,7 +354,9 @@ def status() -> dict[str, Any]:
         return result
     with contextlib.suppress(OSError):
         with closing(obj_get(PIN_DIR / "map_counters")) as fd:
-            result.update(_read_counters(fd))
+            counters = _read_counters(fd)
+        result.update({name: counters[name] for name in SCALAR_COUNTERS})
+        result["hops"] = _hops(counters)
         with closing(obj_get(PIN_DIR / "map_socks")) as fd:
             result["sockets"] = sum(1 for _ in map_keys(fd, SOCK_KEY.size))
             result["sockets_max"] = map_info(fd)[3]
@@ -578,15 +586,29 @@ def _read_config() -> dict[str, int]:
 
 # --- internals ----------------------------------------------------------------------------
 
-def _read_counters(fd: int) -> dict[str, int]:
-    """Sum the per-CPU slots of the counters map (per-CPU values are 8-byte aligned)."""
+def _read_counters(fd: int) -> dict[str, Any]:
+    """Sum the per-CPU slots of the counters map (per-CPU values are 8-byte aligned);
+    array counters are summed element by element (tuples)."""
     stride = -(-COUNTERS.size // 8) * 8
     raw = map_lookup(fd, b"\0\0\0\0", stride * possible_cpus()) or b""
-    totals = dict.fromkeys(COUNTERS.names, 0)
+    totals: dict[str, Any] = {f.name: 0 if f.count == 1 else (0,) * f.count
+                              for f in COUNTERS.fields}
     for cpu in range(len(raw) // stride):
         for name, value in COUNTERS.unpack(raw, cpu * stride).items():
-            totals[name] += value
+            if isinstance(value, tuple):
+                totals[name] = tuple(a + b for a, b in zip(totals[name], value, strict=True))
+            else:
+                totals[name] += value
     return totals
+
+
+def _hops(counters: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per-kind counters by hop name: {"outbound": {"pairs": n, "redirected_bytes": b}, ...}."""
+    def at(name: str, i: int) -> int:
+        values = counters.get(name) or ()
+        return values[i] if i < len(values) else 0
+    return {kind: {"pairs": at("pairs", i), "redirected_bytes": at("pair_redirected_bytes", i)}
+            for i, kind in sorted(PAIR_KINDS.items())}
 
 
 def _set_accel(nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:

@@ -88,8 +88,13 @@ class Bypass:
 
     @staticmethod
     def counters() -> dict[str, int]:
+        """The scalar counters, and per hop `pairs_<hop>` / `bytes_<hop>` (deltas work)."""
         st = sockets.status()
-        return {k: st[k] for k in sockets.COUNTERS.names}
+        out = {k: st[k] for k in sockets.SCALAR_COUNTERS}
+        for hop, c in st["hops"].items():
+            out[f"pairs_{hop}"] = c["pairs"]
+            out[f"bytes_{hop}"] = c["redirected_bytes"]
+        return out
 
 
 @pytest.fixture
