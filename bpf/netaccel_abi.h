@@ -194,4 +194,37 @@ struct vm_dev_counters {
 	__u64 bridge_bytes;
 };
 
+/* ---- node fast path (fastpath.c) ---- */
+
+/* fp_endpoint.flags */
+#define FP_F_VM 1  /* the endpoint is a VM behind its virt-launcher pod (for status only) */
+#define FP_F_HAS_GW 2  /* gw_mac is known (else routed frames to the endpoint take the kernel path) */
+
+/* An accelerated endpoint's address (netaccel_fp_eps key): 16 bytes, IPv4 as ::ffff:a.b.c.d,
+ * network byte order words. */
+struct fp_addr_key {
+	__u32 addr[4];
+};
+
+/* Where frames for that address go (netaccel_fp_eps value). */
+struct fp_endpoint {
+	__u32 ifindex;   /* the endpoint's node-side veth (node netns): bpf_redirect_peer target */
+	__u32 flags;     /* FP_F_* */
+	__u8 mac[6];     /* the endpoint's own MAC (a VM's: the guest's), destination of its frames */
+	__u8 gw_mac[6];  /* the MAC it knows as its gateway: the source of routed frames to it */
+};
+
+/* A configured node-side device (netaccel_fp_cnt key): its ifindex in the node netns. */
+struct fp_dev_key {
+	__u32 ifindex;
+};
+
+/* Per device, what its endpoint sent (per-CPU hash; user space sums the CPUs). */
+struct fp_counters {
+	__u64 fast_packets;    /* went straight to the destination endpoint */
+	__u64 fast_bytes;
+	__u64 passed_packets;  /* for an accelerated destination, left to the kernel path */
+	__u64 ct_misses;       /* ... because the node's conntrack has not seen them both ways */
+};
+
 #endif

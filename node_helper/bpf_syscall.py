@@ -17,6 +17,7 @@ from pathlib import Path
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}[platform.machine()]
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+BPF_PROG_LOAD = 5
 BPF_MAP_GET_NEXT_KEY, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_ATTACH, BPF_PROG_DETACH = 4, 6, 7, 8, 9
 BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID = 11, 13, 14
 BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 15, 16
@@ -203,6 +204,25 @@ def map_pop(fd: int, value_size: int) -> bytes | None:
             return None
         raise
     return v.raw
+
+
+def prog_load(prog_type: int, insns: bytes, name: str, license_: str = "GPL") -> int:
+    """Load a program from raw instructions (maps already relocated); return its fd. On a
+    verifier refusal the OSError's message ends with the verifier's log."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license_.encode())
+    log = ctypes.create_string_buffer(1 << 20)
+    attr = bytearray(128)
+    # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version,
+    # prog_flags, prog_name[16]
+    struct.pack_into("=IIQQIIQII16s", attr, 0, prog_type, len(insns) // 8, addr(code),
+                     addr(lic), 1, len(log), addr(log), 0, 0, name.encode()[:15])
+    try:
+        fd, _ = _bpf(BPF_PROG_LOAD, attr)
+    except OSError as exc:
+        text = log.value.decode(errors="replace").strip()
+        raise OSError(exc.errno, f"{exc.strerror}; verifier: {text[-3000:]}") from None
+    return fd
 
 
 def tracepoint_link(prog_fd: int, tracepoint_id: int) -> int:

@@ -187,6 +187,15 @@ class Btf:
         return Member(bits // 8, self.size_of(type_id))
 
 
+def func_id(name: str, btf: Btf | None = None) -> int:
+    """BTF type id of the kernel function `name` (what a kfunc call instruction carries)."""
+    btf = btf or vmlinux()
+    for type_id, t in enumerate(btf.types):
+        if t is not None and t.kind == FUNC and t.name == name:
+            return type_id
+    raise BtfError(f"the kernel's BTF has no function {name}")
+
+
 @functools.cache
 def vmlinux() -> Btf:
     """The running kernel's BTF, parsed once per process."""
