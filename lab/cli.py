@@ -1,7 +1,9 @@
 """netaccel-lab: the lab's command line (testbed, benchmarks).
 
     netaccel-lab testbed up [--pods N] [--vms M] [--guest netns|qemu] [--kubelet-root DIR]
-                            [--cgroup-driver systemd|cgroupfs] [--mesh] | status | down
+                            [--cgroup-driver systemd|cgroupfs] [--mesh] [--nodes 2] | status | down
+    netaccel-lab testbed join --number K1 --peer K2 | unjoin --number K
+                                                 two testbeds as a two-node cluster (VXLAN)
     netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
     netaccel-lab bench pods|vm|mesh [--quick] [--rounds R] [--policy always|default (pods)]
                                     [--json FILE] [--plot FILE.png]
@@ -18,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab import bench, mesh, testbed
+from lab import bench, mesh, multinode, testbed
 from node_helper import exitcodes
 from node_helper.cli import print_json
 
@@ -33,6 +35,8 @@ def _positive_int(text: str) -> int:
 # --- testbed -----------------------------------------------------------------
 
 def cmd_testbed(args: argparse.Namespace) -> int:
+    if args.action in ("join", "unjoin") or (args.action == "up" and args.nodes == 2):
+        return cmd_testbed_cluster(args)
     if args.action == "up":
         bed = testbed.Testbed.create(pods=args.pods, vms=args.vms, guest=args.guest,
                                      kubelet_root=args.kubelet_root,
@@ -47,14 +51,21 @@ def cmd_testbed(args: argparse.Namespace) -> int:
             numbers = testbed.destroy_all()
         else:
             numbers = [testbed.Testbed.find(args.number).number]
+            multinode.unjoin_number(numbers[0])  # the peer testbed is left as it was
             testbed.destroy_number(numbers[0])
         print(f"removed testbed(s): {numbers or 'none'}", file=sys.stderr)
         return exitcodes.OK
     bed = testbed.Testbed.find(args.number)
+    cluster = multinode.find(bed.number)
     if args.json:
-        print(bed.to_json())
+        print(bed.to_json() if cluster is None else
+              json.dumps(bed.status() | {"cluster": cluster.status()}, indent=2))
     else:
         print(f"testbed {bed.number} (node netns {bed.node_netns})")
+        if cluster is not None:
+            me, peer = cluster.nodes
+            print(f"  joined to testbed {peer.number}: {me.vxlan} {me.overlay4} "
+                  f"{me.overlay6} over {me.wire} {me.underlay} -> {peer.underlay}")
         for p in bed.pods:
             sidecar = ""
             if p.mesh:
@@ -64,6 +75,38 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         for v in bed.vms:
             print(f"  vm  {v.name:6s} launcher {v.launcher_netns:12s} guest "
                   f"{v.guest_netns or v.guest_kind:14s} {v.ipv4}")
+    return exitcodes.OK
+
+
+def cmd_testbed_cluster(args: argparse.Namespace) -> int:
+    """up --nodes 2, join, unjoin: two testbeds as a two-node cluster (lab/multinode.py)."""
+    if args.action == "unjoin":
+        number = testbed.Testbed.find(args.number).number
+        done = multinode.unjoin_number(number)
+        print(f"testbed {number} {'unjoined' if done else 'was not joined'}", file=sys.stderr)
+        return exitcodes.OK
+    if args.action == "join":
+        if args.number is None or args.peer is None:
+            raise testbed.TestbedError("join needs --number K1 --peer K2")
+        beds = [testbed.Testbed.find(args.number), testbed.Testbed.find(args.peer)]
+        cluster = multinode.join(*beds)
+    else:
+        beds = []
+        try:
+            for _ in range(2):
+                beds.append(testbed.Testbed.create(
+                    pods=args.pods, vms=args.vms, guest=args.guest,
+                    kubelet_root=args.kubelet_root, cgroup_driver=args.cgroup_driver,
+                    mesh=args.mesh))
+            cluster = multinode.join(*beds)
+        except BaseException:
+            for bed in beds:
+                bed.destroy()
+            raise
+    print(f"testbeds {beds[0].number} and {beds[1].number} joined (VXLAN, VNI "
+          f"{cluster.vni}, MTU {cluster.mtu})", file=sys.stderr)
+    print(json.dumps({"testbeds": [bed.status() for bed in beds],
+                      "cluster": cluster.status()}, indent=2))
     return exitcodes.OK
 
 
@@ -145,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("testbed", help="the simulated node made of network namespaces")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status", "join", "unjoin"])
     p.add_argument("--pods", type=int, default=2)
     p.add_argument("--vms", type=int, default=0)
     p.add_argument("--guest", choices=testbed.GUESTS, default="netns")
@@ -155,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", action="store_true",
                    help="up: every pod gets an Istio-style sidecar (HAProxy as UID 1337, "
                    "Istio's redirect rules; IPv4 only), see docs/mesh.md")
-    p.add_argument("--number", type=int, help="status/down: which testbed (when several)")
+    p.add_argument("--nodes", type=int, choices=[1, 2], default=1,
+                   help="up: 2 = two testbeds joined as a two-node cluster (docs/multinode.md)")
+    p.add_argument("--number", type=int,
+                   help="status/down/join/unjoin: which testbed (when several)")
+    p.add_argument("--peer", type=int, help="join: the testbed to join --number to")
     p.add_argument("--all", action="store_true", help="down: remove every testbed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_testbed)
