@@ -23,6 +23,18 @@
  * conntrack is not active (no rule uses it) never sees SEEN_REPLY, so nothing takes the path
  * (counted: ct_misses).
  *
+ * REMOTE (another node): a frame for an address in netaccel_fp_remote (accelerated endpoints
+ * of other nodes) is routed as the node would route it: bpf_fib_lookup() in the node's tables
+ * (tot_len 0: the helper then checks a GSO packet per segment), bpf_check_mtu() per segment
+ * on the chosen device (a packet that does not fit goes to the kernel path, which answers
+ * with ICMP "fragmentation needed" as it would), TTL / hop limit - 1, and
+ * bpf_redirect_neigh() to that device (the kernel fills in the MACs from its neighbour
+ * table, resolving them if needed): the VXLAN device of an encapsulating CNI, or the uplink
+ * of a routed one.  On the receiving node the same program on that device's ingress sees
+ * the decapsulated frame, finds the local endpoint and takes it in as a routed hop.  Same
+ * conntrack rule on both nodes.  A lookup that does not end in a device (no route,
+ * forwarding off, blackhole...) leaves the frame to the kernel path.
+ *
  * MACS AND TTL: the frame arrives as the sender built it.  If its destination MAC is the
  * destination endpoint's own MAC, the sender reached it over L2 (a bridge CNI: one subnet):
  * the CNI's own path would not touch it, so neither do we (TTL kept).  Otherwise the sender
@@ -80,6 +92,17 @@ BPF_TABLE_PINNED("hash", struct fp_addr_key, struct fp_endpoint, netaccel_fp_eps
 		 NA_PIN_DIR "/endpoints");
 BPF_TABLE_PINNED("percpu_hash", struct fp_dev_key, struct fp_counters, netaccel_fp_cnt, 16384,
 		 NA_PIN_DIR "/counters");
+/* REMOTE: address ranges of accelerated endpoints on other nodes (IPv4 a.b.c.d/n stored as
+ * ::ffff:a.b.c.d/(96+n), as the socket bypass's set). */
+BPF_F_TABLE("lpm_trie", struct lpm_key, __u32, netaccel_fp_remote, 4096, BPF_F_NO_PREALLOC);
+
+/* bcc 0.26 declares bpf_redirect_neigh() without its `plen` argument (so a nexthop would be
+ * ignored): the helper's real prototype. */
+static long (*redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
+			      __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+#define NA_AF_INET 2
+#define NA_AF_INET6 10
+#define NA_MTU_CHK_SEGS 1  /* BPF_MTU_CHK_SEGS: check each GSO segment, not the super-packet */
 
 struct ports {
 	__be16 source;
@@ -106,6 +129,86 @@ static __always_inline int same_mac(const unsigned char *a, const __u8 *b)
 {
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
 	       a[5] == b[5];
+}
+
+static __always_inline int remote_endpoint(struct fp_addr_key *key)
+{
+	struct lpm_key k = {.prefixlen = 128};
+
+	__builtin_memcpy(k.addr, key->addr, 16);
+	return netaccel_fp_remote.lookup(&k) != NULL;
+}
+
+/* REMOTE: route the frame as the node would and hand it to the device the route chose. */
+static __always_inline int to_remote(struct __sk_buff *skb, struct fp_counters *cnt,
+				     __u8 l4proto, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct bpf_fib_lookup fib = {};
+	struct bpf_redir_neigh nh = {};
+	__u32 mtu = 0;
+	long rc;
+
+	fib.l4_protocol = l4proto;
+	fib.ifindex = skb->ingress_ifindex;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto == __builtin_bswap16(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_OK;
+		fib.family = NA_AF_INET;
+		fib.tos = ip->tos;
+		fib.ipv4_src = ip->saddr;
+		fib.ipv4_dst = ip->daddr;
+	} else {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_OK;
+		fib.family = NA_AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
+	}
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	    bpf_check_mtu(skb, fib.ifindex, &mtu, 0, NA_MTU_CHK_SEGS) != 0) {
+		cnt->passed_packets++;
+		return TC_ACT_OK;
+	}
+	/* bpf_fib_lookup may not move the packet, but re-check before writing (verifier). */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (fib.family == NA_AF_INET) {
+		struct iphdr *ip = (void *)(eth + 1);
+		__u16 old, new;
+
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_OK;
+		old = *(__u16 *)&ip->ttl;
+		ip->ttl--;
+		new = *(__u16 *)&ip->ttl;
+		bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2);
+		nh.nh_family = NA_AF_INET;
+		nh.ipv4_nh = fib.ipv4_dst;  /* after the lookup: the next hop */
+	} else {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_OK;
+		ip6->hop_limit--;
+		nh.nh_family = NA_AF_INET6;
+		__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+	}
+	cnt->remote_packets++;
+	cnt->remote_bytes += len;
+	return redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 }
 
 int NA_PROG_FP(struct __sk_buff *skb)
@@ -135,8 +238,8 @@ int NA_PROG_FP(struct __sk_buff *skb)
 		key.addr[2] = __builtin_bswap32(0xffff);
 		key.addr[3] = ip->daddr;
 		ep = netaccel_fp_eps.lookup(&key);
-		if (!ep)
-			return TC_ACT_OK;  /* not for an accelerated endpoint of this node */
+		if (!ep && !remote_endpoint(&key))
+			return TC_ACT_OK;  /* not for an accelerated endpoint */
 		l4proto = ip->protocol;
 		l4 = (void *)(ip + 1);
 		t.ipv4.saddr = ip->saddr;
@@ -150,7 +253,7 @@ int NA_PROG_FP(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		__builtin_memcpy(key.addr, &ip6->daddr, 16);
 		ep = netaccel_fp_eps.lookup(&key);
-		if (!ep)
+		if (!ep && !remote_endpoint(&key))
 			return TC_ACT_OK;
 		l4proto = ip6->nexthdr;  /* extension headers: not TCP/UDP here, kernel path */
 		l4 = (void *)(ip6 + 1);
@@ -166,7 +269,7 @@ int NA_PROG_FP(struct __sk_buff *skb)
 	if (!cnt)
 		return TC_ACT_OK;  /* a device the agent did not configure: hands off */
 	if ((l4proto != IPPROTO_TCP && l4proto != IPPROTO_UDP) || (void *)(l4 + 1) > data_end ||
-	    ep->ifindex == dev.ifindex) {
+	    (ep && ep->ifindex == dev.ifindex)) {
 		cnt->passed_packets++;
 		return TC_ACT_OK;
 	}
@@ -177,10 +280,11 @@ int NA_PROG_FP(struct __sk_buff *skb)
 		t.ipv6.sport = l4->source;
 		t.ipv6.dport = l4->dest;
 	}
-	routed = !same_mac(eth->h_dest, ep->mac);
-	/* A routed hop needs the gateway MAC the destination knows, and a TTL to decrement (at
-	 * 1 the kernel path answers with ICMP time exceeded). */
-	if (routed && (!(ep->flags & FP_F_HAS_GW) || *hops <= 1)) {
+	/* To another node: always a routed hop (the node routes it). */
+	routed = !ep || !same_mac(eth->h_dest, ep->mac);
+	/* A routed hop needs a TTL to decrement (at 1 the kernel path answers with ICMP time
+	 * exceeded) and, to a local endpoint, the gateway MAC it knows. */
+	if (routed && ((ep && !(ep->flags & FP_F_HAS_GW)) || *hops <= 1)) {
 		cnt->passed_packets++;
 		return TC_ACT_OK;
 	}
@@ -196,6 +300,8 @@ int NA_PROG_FP(struct __sk_buff *skb)
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
+	if (!ep)
+		return to_remote(skb, cnt, l4proto, len);
 	if (routed) {
 		if (eth->h_proto == __builtin_bswap16(ETH_P_IP)) {
 			struct iphdr *ip = (void *)(eth + 1);

@@ -225,6 +225,8 @@ struct fp_counters {
 	__u64 fast_bytes;
 	__u64 passed_packets;  /* for an accelerated destination, left to the kernel path */
 	__u64 ct_misses;       /* ... because the node's conntrack has not seen them both ways */
+	__u64 remote_packets;  /* to an endpoint on another node, handed to the routed device */
+	__u64 remote_bytes;
 };
 
 #endif

@@ -11,6 +11,12 @@ KFUNCS note in bpf/fastpath.c) and pinned in kernel.pin_dir("fastpath") with its
     prog_<digest>  the program (<digest> covers source, header and cflags)
     endpoints      hash: address -> struct fp_endpoint (ifindex of its node-side veth, MACs)
     counters       per-CPU hash: node-side ifindex -> struct fp_counters
+    remote         LPM trie: address ranges of accelerated endpoints on other nodes
+
+Other nodes: `set_remote(cidrs)` names them, and `add_uplink(node_netns, device)` puts the
+program on the ingress of the device their traffic arrives on (the VXLAN device of an
+encapsulating CNI, the uplink of a routed one), so frames from there to a local endpoint go
+straight into it too.
 
 An endpoint is accelerated by its addresses in `endpoints`, its counters entry and a cls_bpf
 filter (direct action, PRIO) on the ingress of its node-side veth. The filter's name says
@@ -41,7 +47,7 @@ from node_helper.kernel import KernelFeatureError
 
 SOURCE = "fastpath.c"
 PROG_PREFIX = "prog_"
-ENDPOINTS, COUNTERS = "endpoints", "counters"
+ENDPOINTS, COUNTERS, REMOTE = "endpoints", "counters", "remote"
 PRIO = 0x4E45  # on the node-side veth's ingress; the VM datapath's prios are 0x4e3e-0x4e44
 ETH_P_ALL = 0x0003
 TCA_BPF_FLAG_ACT_DIRECT = 1
@@ -279,11 +285,8 @@ def add(node_netns: str | None, host_veth: str, endpoint_netns: str | None = Non
                      dev.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_KIND") != "veth"):
                 raise FastPathError(f"{host_veth} is not a veth with its peer in another netns: "
                                     "bpf_redirect_peer cannot reach into it")
-            with _map(ENDPOINTS) as eps, _map(COUNTERS) as cnt:
-                assert eps is not None and cnt is not None
-                size = bpf_abi.layout("fp_counters").size * bpf_syscall.possible_cpus()
-                if bpf_syscall.map_lookup(cnt, _dev_key(index), size) is None:
-                    bpf_syscall.map_update(cnt, _dev_key(index), bytes(size))
+            with _map(ENDPOINTS) as eps:
+                assert eps is not None
                 wanted = {addr_key(a) for a in facts.addresses}
                 value = endpoint_value(facts, index)
                 for key in wanted:
@@ -291,17 +294,7 @@ def add(node_netns: str | None, host_veth: str, endpoint_netns: str | None = Non
                 for key, ifx in _endpoint_entries(eps).items():  # addresses it no longer has
                     if ifx == index and key not in wanted:
                         bpf_syscall.map_delete(eps, key)
-            ours, _ = _our_filters(ns, index)
-            if not ours:
-                created = tc.ingress_qdisc_kind(ns, index) is None
-                if created:
-                    ns.tc("add", "clsact", index=index)
-                with bpf_syscall.closing(bpf_syscall.obj_get(pin)) as prog_fd:
-                    tc.add_filter(ns, index, PRIO, ETH_P_ALL, "bpf", [
-                        ["TCA_BPF_FD", prog_fd],
-                        ["TCA_BPF_NAME", filter_name(created)],
-                        ["TCA_BPF_FLAGS", TCA_BPF_FLAG_ACT_DIRECT],
-                    ])
+            _attach(ns, index, pin)
     return endpoint_status(node_netns, host_veth)
 
 
@@ -371,9 +364,68 @@ def _forget(index: int | None, done: dict[str, Any]) -> None:
                     done["removed_addresses"].append(_ip(key))
         if cnt is not None and index is not None:
             bpf_syscall.map_delete(cnt, _dev_key(index))
-        left = eps is not None and bool(_endpoint_entries(eps))
+        left = cnt is not None and any(True for _ in bpf_syscall.map_keys(
+            cnt, bpf_abi.layout("fp_dev_key").size))
     if not left:
         unpin_all()
+
+
+def add_uplink(node_netns: str | None, device: str) -> dict[str, Any]:
+    """Run the program on `device`'s ingress (where other nodes' frames arrive): frames for a
+    local endpoint go straight into it. Idempotent."""
+    with kernel.locked("fastpath"):
+        pin = _program()
+        with _netns(node_netns) as ns:
+            tc.use_tc_parser(ns)
+            index = _link(ns, device, f"node netns {node_netns or '(current)'}")["index"]
+            _attach(ns, index, pin)
+    return endpoint_status(node_netns, device)
+
+
+def _attach(ns: Any, index: int, pin: Path) -> None:
+    """Our counters entry and filter on the device (kept if already there)."""
+    with _map(COUNTERS) as cnt:
+        assert cnt is not None
+        size = bpf_abi.layout("fp_counters").size * bpf_syscall.possible_cpus()
+        if bpf_syscall.map_lookup(cnt, _dev_key(index), size) is None:
+            bpf_syscall.map_update(cnt, _dev_key(index), bytes(size))
+    if _our_filters(ns, index)[0]:
+        return
+    created = tc.ingress_qdisc_kind(ns, index) is None
+    if created:
+        ns.tc("add", "clsact", index=index)
+    with bpf_syscall.closing(bpf_syscall.obj_get(pin)) as prog_fd:
+        tc.add_filter(ns, index, PRIO, ETH_P_ALL, "bpf", [
+            ["TCA_BPF_FD", prog_fd],
+            ["TCA_BPF_NAME", filter_name(created)],
+            ["TCA_BPF_FLAGS", TCA_BPF_FLAG_ACT_DIRECT],
+        ])
+
+
+def set_remote(cidrs: list[str]) -> list[str]:
+    """Make the remote set exactly `cidrs` (accelerated endpoints of other nodes); returns it.
+    The program must be loaded (an endpoint or uplink added) first."""
+    from node_helper.sockets import lpm_key, parse_cidrs
+
+    nets = parse_cidrs(cidrs, allow_empty=True)
+    with kernel.locked("fastpath"), _map(REMOTE) as fd:
+        if fd is None:
+            raise FastPathError("the fast path is not loaded: add an endpoint or uplink first")
+        wanted = {lpm_key(n) for n in nets}
+        for key in wanted:
+            bpf_syscall.map_update(fd, key, struct.pack("=I", 1))
+        for key in list(bpf_syscall.map_keys(fd, len(next(iter(wanted), b"\0" * 20)))):
+            if key not in wanted:
+                bpf_syscall.map_delete(fd, key)
+    return remote()
+
+
+def remote() -> list[str]:
+    from node_helper.sockets import LPM_KEY, key_to_cidr
+
+    with _map(REMOTE) as fd:
+        return [] if fd is None else sorted(key_to_cidr(k) for k in
+                                            bpf_syscall.map_keys(fd, LPM_KEY.size))
 
 
 def unpin_all() -> None:
@@ -436,14 +488,10 @@ def status(node_netns: str | None = None) -> dict[str, Any]:
         names = [(link.get_attr("IFLA_IFNAME"), link["index"]) for link in ns.get_links()]
         devices = [name for name, index in names if _our_filters(ns, index)[0]]
     out["endpoints"] = [endpoint_status(node_netns, d) for d in devices]
+    out["remote"] = remote()
     return out
 
 
 def cleanup(node_netns: str | None = None) -> list[dict[str, Any]]:
     """Take every endpoint of `node_netns` off the fast path; unpin when none is left."""
-    done = [remove(node_netns, e["device"]) for e in status(node_netns)["endpoints"]]
-    with _map(ENDPOINTS) as eps:
-        stale = eps is None or not _endpoint_entries(eps)
-    if stale:
-        unpin_all()
-    return done
+    return [remove(node_netns, e["device"]) for e in status(node_netns)["endpoints"]]
