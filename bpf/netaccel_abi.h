@@ -52,6 +52,9 @@ struct bypass_counters {
 	__u64 demote_candidates;   /* directions that streamed small messages one-way: queued for
 	                            * demotion (their socket leaves the sockhash; DEMOTION) */
 	__u64 fallback_dirs_demote;    /* directions moved to TCP: the socket they send into leaves */
+	__u64 fallback_dirs_zerocopy;  /* directions moved to TCP: their sender set SO_ZEROCOPY */
+	__u64 uring_splice_fixed;  /* io_uring splices from a registered (fixed) file: the guard
+	                            * cannot resolve those, they are not guarded (SPLICE, rule 8) */
 };
 
 /* The loader's settings for the bypass's flow control (one array slot, netaccel_cfg). */
@@ -85,6 +88,9 @@ struct peer_sock {
 	__u64 in_small;      /* ... smaller than demote_small_bytes */
 	__u32 doomed;        /* 1: bytes may be stranded: refuse the sender, user space resets */
 	__u32 passive;       /* 1: an accepted socket (its local port names the workload) */
+	/* ZEROCOPY (sockmap.c, rule 12), set by the setsockopt tracepoint. */
+	__u32 zerocopy;         /* 1: this socket set SO_ZEROCOPY: its sends take TCP */
+	__u32 sender_zerocopy;  /* 1: the socket that sends into this one set SO_ZEROCOPY */
 };
 
 /* Workloads the bypass leaves alone (netaccel_nobypass): an address and a local port, or
