@@ -311,10 +311,13 @@ def test_msg_zerocopy(p: Pair) -> None:
     th = threading.Thread(target=lambda: got.extend(_recv_all(p.srv)), daemon=True)
     th.start()
 
+    buffers = []  # zerocopy: a buffer must live (unchanged) until its completion
+
     def send(n: int, size: int) -> int:
         sends = 0
         for _ in range(n):
-            view = memoryview(rng.randbytes(size))
+            buffers.append(rng.randbytes(size))
+            view = memoryview(buffers[-1])
             sent.extend(view)
             while view:
                 view = view[p.cl.sendmsg([view], [], MSG_ZEROCOPY):]
