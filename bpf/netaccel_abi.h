@@ -60,6 +60,9 @@ struct bypass_counters {
 	__u64 demote_candidates;   /* directions that streamed small messages one-way: queued for
 	                            * demotion (their socket leaves the sockhash; DEMOTION) */
 	__u64 fallback_dirs_demote;    /* directions moved to TCP: the socket they send into leaves */
+	__u64 fallback_dirs_zerocopy;  /* directions moved to TCP: their sender set SO_ZEROCOPY */
+	__u64 uring_splice_fixed;  /* io_uring splices from a registered (fixed) file: the guard
+	                            * cannot resolve those, they are not guarded (SPLICE, rule 8) */
 	__u64 skipped_unpaired;    /* accepted sockets whose connecting end is not bypassed */
 	__u64 pairs[PAIR_KINDS];   /* socket pairs formed, by kind (PAIR_*) */
 	__u64 pair_redirected_bytes[PAIR_KINDS];  /* redirected bytes, by the pair's kind */
@@ -98,6 +101,9 @@ struct peer_sock {
 	__u64 in_small;      /* ... smaller than demote_small_bytes */
 	__u32 doomed;        /* 1: bytes may be stranded: refuse the sender, user space resets */
 	__u32 passive;       /* 1: an accepted socket (its local port names the workload) */
+	/* ZEROCOPY (sockmap.c, rule 12), set by the setsockopt tracepoint. */
+	__u32 zerocopy;         /* 1: this socket set SO_ZEROCOPY: its sends take TCP */
+	__u32 sender_zerocopy;  /* 1: the socket that sends into this one set SO_ZEROCOPY */
 	__u32 kind;          /* PAIR_*: the kind of pair this socket belongs to, once paired */
 };
 

@@ -211,7 +211,8 @@
  *     decided redirect may take to reach the queue (a few function calls in the sender's
  *     own system call; 1 s covers CPU throttling).  Limits: several threads sending on one
  *     socket at once can each have a redirect in flight that `pending` does not cover;
- *     io_uring's splice does not pass these tracepoints; and when the sender had already
+ *     io_uring's splice passes none of these tracepoints (rule 8b, at the end of this file,
+ *     sees it, except from a registered file); and when the sender had already
  *     moved to TCP (rules 3, 6, 7) with bytes still queued, TCP bytes already in the
  *     receive queue are read by that first splice before the reset arrives: splice cannot
  *     be made to wait for the queue, nor failed, from a tracepoint (no fentry/LSM here).
@@ -296,6 +297,13 @@
 #ifndef NA_PROG_RECVMSG
 #define NA_PROG_RECVMSG netaccel_rvm
 #endif
+/* io_uring splice (rule 8b) and SO_ZEROCOPY (rule 12), at the end of this file */
+#ifndef NA_PROG_URING
+#define NA_PROG_URING netaccel_uring
+#endif
+#ifndef NA_PROG_SETSOCKOPT
+#define NA_PROG_SETSOCKOPT netaccel_sso
+#endif
 
 #define NA_AF_INET 2
 #define NA_AF_INET6 10
@@ -324,6 +332,7 @@
 #define FB_NODE_MEM 3
 #define FB_SPLICE 4
 #define FB_DEMOTE 5   /* the socket this direction sends into is leaving (DEMOTION) */
+#define FB_ZEROCOPY 6 /* the sender set SO_ZEROCOPY (rule 12) */
 
 /* The verifier only accepts context accesses at a constant offset from the
  * unmodified ctx pointer.  If two fields are read into one variable on
@@ -750,6 +759,8 @@ static __always_inline int fall_back(struct conn_state *st, struct bypass_counte
 		cnt->fallback_dirs_splice++;
 	else if (reason == FB_DEMOTE)
 		cnt->fallback_dirs_demote++;
+	else if (reason == FB_ZEROCOPY)
+		cnt->fallback_dirs_zerocopy++;
 	else
 		cnt->fallback_dirs++;
 	cnt->fallback_msgs++;
@@ -854,6 +865,8 @@ static __always_inline void demote_progress(struct conn_state *st, struct bypass
 		queue_candidate(st);
 }
 
+static __always_inline int own_zerocopy(struct conn_state *st);  /* rule 12, at the end */
+
 int NA_PROG_MSG(struct sk_msg_md *msg)
 {
 	struct sock_key peer = {};
@@ -917,6 +930,10 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 		return fall_back(st, cnt, pv, FB_MISS);
 	if (!cfg || !pv)  /* the peer is not (or no longer) bypassed: a miss */
 		return fall_back(st, cnt, pv, FB_MISS);
+	/* Rule 12: we set SO_ZEROCOPY (a plain load of the peer's entry; our own entry only
+	 * while peer_psock is unknown, i.e. once per connection). */
+	if (pv->sender_zerocopy || (!st->peer_psock && own_zerocopy(st)))
+		return fall_back_and_leave(st, cfg, cnt, pv, FB_ZEROCOPY);
 
 	/* Flow control rule 6: the receiver's unread redirected bytes.  The peer's psock is
 	 * found once and kept (PER-MESSAGE COST). */
@@ -970,6 +987,65 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	return fall_back(st, cnt, pv, FB_MISS);
 }
 
+/* The bypass entry of the current task's file descriptor `fd`, or NULL when it is not a
+ * socket of ours; `key` gets the socket's own 4-tuple, `recv` its sockhash key (PAIRING: an
+ * aliased socket's is its peer's tuple reversed), `skp` its struct sock address. */
+static __always_inline struct peer_sock *entry_of_fd(__u64 fd, struct sock_key *key,
+						     struct sock_key *recv, __u64 *skp)
+{
+	struct sock_key *alias;
+	struct peer_sock *pv;
+	__u64 task, files, fdt, fdarr, file, sock, sk;
+	__u32 max_fds;
+	__u16 family;
+	int rerr = 0;
+
+	task = bpf_get_current_task();
+	files = kread_u64(task + NA_OFF_TASK_FILES, &rerr);
+	fdt = kread_u64(files + NA_OFF_FILES_FDT, &rerr);
+	max_fds = kread_u32(fdt + NA_OFF_FDT_MAX_FDS, &rerr);
+	if (rerr || fd >= max_fds)
+		return NULL;
+	fdarr = kread_u64(fdt + NA_OFF_FDT_FD, &rerr);
+	file = kread_u64(fdarr + fd * 8, &rerr);
+	sock = file ? kread_u64(file + NA_OFF_FILE_PRIVATE_DATA, &rerr) : 0;
+	/* A socket's file points at its struct socket, which points back at the file; for any
+	 * other file private_data is something else and the back pointer will not match. */
+	if (rerr || !sock || kread_u64(sock + NA_OFF_SOCKET_FILE, &rerr) != file)
+		return NULL;
+	sk = kread_u64(sock + NA_OFF_SOCKET_SK, &rerr);
+	family = kread_u16(sk + NA_OFF_SKC_FAMILY, &rerr);
+	if (rerr)
+		return NULL;
+	if (family == NA_AF_INET) {
+		fill_v4(key, kread_u32(sk + NA_OFF_SKC_RCV_SADDR, &rerr),
+			kread_u32(sk + NA_OFF_SKC_DADDR, &rerr));
+	} else if (family == NA_AF_INET6) {
+		if (bpf_probe_read_kernel(key->local, 16, (void *)(sk + NA_OFF_SKC_V6_RCV_SADDR)) ||
+		    bpf_probe_read_kernel(key->remote, 16, (void *)(sk + NA_OFF_SKC_V6_DADDR)))
+			return NULL;
+	} else {
+		return NULL;
+	}
+	key->lport = kread_u16(sk + NA_OFF_SKC_NUM, &rerr);                     /* host order */
+	key->rport = __builtin_bswap16(kread_u16(sk + NA_OFF_SKC_DPORT, &rerr));  /* was network */
+	if (rerr)
+		return NULL;
+	__builtin_memcpy(recv, key, sizeof(*recv));
+	pv = netaccel_peers.lookup(key);
+	if (!pv || pv->sk != sk) {  /* PAIRING: an accepted socket keyed by its peer's tuple */
+		alias = netaccel_alias.lookup(key);
+		if (!alias)
+			return NULL;
+		__builtin_memcpy(recv, alias, sizeof(*recv));
+		pv = netaccel_peers.lookup(alias);
+	}
+	if (!pv || pv->sk != sk)
+		return NULL;
+	*skp = sk;
+	return pv;
+}
+
 /* Rules 8-10: a read of file descriptor `fd` of the current task that cannot be served from
  * the redirect queue: splice/sendfile (want 0: it sees none of the queue), or recv with
  * MSG_WAITALL of `want` bytes (tcp_bpf returns what is queued instead of waiting for all:
@@ -978,52 +1054,17 @@ static __always_inline int guard_read(__u64 fd, __u64 want)
 {
 	struct no_bypass_key learn = {};
 	struct splice_event ev = {};
-	struct sock_key key = {}, *alias;
+	struct sock_key key = {}, recv = {};
 	struct bypass_counters *cnt;
 	struct peer_sock *pv;
-	__u64 task, files, fdt, fdarr, file, sock, sk, ud;
-	__u32 zero = 0, max_fds, queued = 0, learned = NB_LEARNED;
+	__u64 sk = 0, ud;
+	__u32 zero = 0, queued = 0, learned = NB_LEARNED;
 	__u64 pending;
-	__u16 family, dport;
 	int rerr = 0;
 
-	task = bpf_get_current_task();
-	files = kread_u64(task + NA_OFF_TASK_FILES, &rerr);
-	fdt = kread_u64(files + NA_OFF_FILES_FDT, &rerr);
-	max_fds = kread_u32(fdt + NA_OFF_FDT_MAX_FDS, &rerr);
-	if (rerr || fd >= max_fds)
-		return 0;
-	fdarr = kread_u64(fdt + NA_OFF_FDT_FD, &rerr);
-	file = kread_u64(fdarr + fd * 8, &rerr);
-	sock = file ? kread_u64(file + NA_OFF_FILE_PRIVATE_DATA, &rerr) : 0;
-	/* A socket's file points at its struct socket, which points back at the file; for any
-	 * other file private_data is something else and the back pointer will not match. */
-	if (rerr || !sock || kread_u64(sock + NA_OFF_SOCKET_FILE, &rerr) != file)
-		return 0;
-	sk = kread_u64(sock + NA_OFF_SOCKET_SK, &rerr);
-	family = kread_u16(sk + NA_OFF_SKC_FAMILY, &rerr);
-	if (rerr)
-		return 0;
-	if (family == NA_AF_INET) {
-		fill_v4(&key, kread_u32(sk + NA_OFF_SKC_RCV_SADDR, &rerr),
-			kread_u32(sk + NA_OFF_SKC_DADDR, &rerr));
-	} else if (family == NA_AF_INET6) {
-		if (bpf_probe_read_kernel(key.local, 16, (void *)(sk + NA_OFF_SKC_V6_RCV_SADDR)) ||
-		    bpf_probe_read_kernel(key.remote, 16, (void *)(sk + NA_OFF_SKC_V6_DADDR)))
-			return 0;
-	} else {
-		return 0;
-	}
-	key.lport = kread_u16(sk + NA_OFF_SKC_NUM, &rerr);      /* host order */
-	dport = kread_u16(sk + NA_OFF_SKC_DPORT, &rerr);        /* network order */
-	key.rport = __builtin_bswap16(dport);
-	pv = netaccel_peers.lookup(&key);
-	if (!pv || pv->sk != sk) {  /* PAIRING: an accepted socket keyed by its peer's tuple */
-		alias = netaccel_alias.lookup(&key);
-		pv = alias ? netaccel_peers.lookup(alias) : NULL;
-	}
+	pv = entry_of_fd(fd, &key, &recv, &sk);
 	cnt = netaccel_cnt.lookup(&zero);
-	if (rerr || !pv || pv->sk != sk || !cnt)
+	if (!pv || !cnt)
 		return 0;  /* not a socket of ours */
 
 	cnt->splice_seen++;
@@ -1117,4 +1158,126 @@ int NA_PROG_RECVMSG(void *ctx)
 		want += len;
 	}
 	return guard_read(SYSCALL_ARG(ctx, 0), want ?: 1);
+}
+
+/* ---- io_uring splice (rule 8b) and SO_ZEROCOPY (rule 12) --------------------------------
+ *
+ * 8b. IORING_OP_SPLICE reads a socket through the same tcp_splice_read() as splice(2) but
+ *     passes no syscall tracepoint.  io_uring:io_uring_submit_req fires in io_submit_sqe()
+ *     right after io_init_req(), which ran the opcode's prep (io_splice_prep has filled
+ *     `struct io_splice`, the command area at the start of the io_kiocb, with splice_fd_in
+ *     and flags), and before the request is issued (the read itself comes later, in this
+ *     task or an io-wq worker).  It fires in the submitting task, whose fd
+ *     table is the one io_uring resolves splice_fd_in in; with IORING_SETUP_SQPOLL it fires
+ *     in the ring's SQ thread, which shares its creator's fd table (CLONE_FILES), again the
+ *     table io_uring uses.  So guard_read(splice_fd_in, 0) sees the socket the splice will
+ *     read, before it reads, exactly as for splice(2) (tests/kernel/test_bypass_splice.py,
+ *     io_uring-splice and io_uring-splice-sqpoll).  The opcode number, the io_kiocb/io_splice
+ *     offsets and the tracepoint's field offsets come from the running kernel (BTF, tracefs).
+ *     A registered input file (SPLICE_F_FD_IN_FIXED: an index into the ring's own file
+ *     table, not an fd) is not resolved: counted (uring_splice_fixed, every such splice on
+ *     the node, sockets of ours or not), not guarded.  IORING_OP_RECV/RECVMSG need nothing:
+ *     they read through tcp_bpf_recvmsg like recv(2), and with MSG_WAITALL io_uring itself
+ *     retries a short read of a stream socket until it is full
+ *     (tests/kernel/test_bypass_api.py, test_io_uring_recv_waitall).
+ *
+ * 12. ZEROCOPY.  A bypassed sender's MSG_ZEROCOPY send is copied into an sk_msg by
+ *     tcp_bpf_sendmsg and redirected: no completion ever reaches its error queue, and an
+ *     application that waits for completions before reusing its buffers stalls.  The same
+ *     send taking SK_PASS (socket still in the sockhash) is pushed to TCP by tcp_bpf one
+ *     scatterlist element (a page fragment, <= 32 KiB) at a time, each completed with its
+ *     own id: every completion arrives (code SO_EE_CODE_ZEROCOPY_COPIED, as the kernel
+ *     path's on this node), but a send spanning k fragments takes k ids.  Once the socket
+ *     left the sockhash, every send is one id again, as on the kernel path (measured:
+ *     tests/kernel/test_bypass_api.py, test_msg_zerocopy).  So:
+ *     - syscalls:sys_enter_setsockopt (level and name tested first: it runs for every
+ *       setsockopt of the node) with SOL_SOCKET, SO_ZEROCOPY and a value != 0 resolves the
+ *       fd as guard_read does and marks the socket's own netaccel_peers entry (`zerocopy`)
+ *       and its peer's (`sender_zerocopy`), before the kernel sets SOCK_ZEROCOPY under the
+ *       socket lock.  A send is zerocopy only if it sees SOCK_ZEROCOPY, under the same lock,
+ *       so it sees the marks too.
+ *     - The sender's sk_msg then takes the order-safe switch (rule 3, reason zerocopy,
+ *       counted fallback_dirs_zerocopy) and asks to leave the sockhash like a flow-control
+ *       fallback (rules 6-7: DEMOTION's steps, not under the policy "always").  Leaving
+ *       moves the peer's direction to TCP too (DEMOTION, step a: nothing can be redirected
+ *       into a socket outside the sockhash); under "always" it stays bypassed.
+ *     PER-MESSAGE COST: one plain load, pv->sender_zerocopy, from the peer entry the verdict
+ *     has just looked up and written (in_msgs).  The peer's entry may not exist yet when the
+ *     option is set (a client right after connect(), the server's PASSIVE_ESTABLISHED still
+ *     in a backlog); then only the sender's own entry carries the mark, and the verdict reads
+ *     it while peer_psock is unknown: one hash lookup, on the connection's first verdict.
+ *     A sender already on TCP for another reason (rule 3) stays as it is: its completions
+ *     arrive, per fragment.
+ *     Not learned into netaccel_nobypass: the switch is immediate and nothing is lost or
+ *     stalls; what remains (several ids for one large send) lasts only until the socket
+ *     leaves the sockhash (for the connection's life under the policy "always"); and
+ *     learning would take the sender's workload (a client: its whole address) off the
+ *     bypass in both directions for every later connection.
+ */
+#if !defined(NA_IORING_OP_SPLICE) || !defined(NA_TP_URING_REQ) || \
+    !defined(NA_TP_URING_OPCODE) || !defined(NA_OFF_KIOCB_CMD) || \
+    !defined(NA_OFF_SPLICE_FD_IN) || !defined(NA_OFF_SPLICE_FLAGS)
+#error "the loader passes the io_uring guard's layout read from BTF and tracefs"
+#endif
+#define NA_SPLICE_F_FD_IN_FIXED 0x80000000U  /* include/uapi/linux/io_uring.h */
+#define NA_SOL_SOCKET 1
+#define NA_SO_ZEROCOPY 60
+
+/* io_uring:io_uring_submit_req(ctx, req, user_data, opcode, flags, sq_thread, op_str) */
+int NA_PROG_URING(void *ctx)
+{
+	struct bypass_counters *cnt;
+	__u64 cmd;
+	__u32 zero = 0, flags;
+	int fd_in, rerr = 0;
+
+	if (*(__u8 *)((char *)ctx + NA_TP_URING_OPCODE) != NA_IORING_OP_SPLICE)
+		return 0;
+	cmd = *(__u64 *)((char *)ctx + NA_TP_URING_REQ) + NA_OFF_KIOCB_CMD;
+	fd_in = (int)kread_u32(cmd + NA_OFF_SPLICE_FD_IN, &rerr);
+	flags = kread_u32(cmd + NA_OFF_SPLICE_FLAGS, &rerr);
+	if (rerr || fd_in < 0)
+		return 0;
+	if (flags & NA_SPLICE_F_FD_IN_FIXED) {
+		cnt = netaccel_cnt.lookup(&zero);
+		if (cnt)
+			cnt->uring_splice_fixed++;
+		return 0;
+	}
+	return guard_read(fd_in, 0);
+}
+
+/* syscalls:sys_enter_setsockopt(fd, level, optname, optval, optlen): runs for every
+ * setsockopt of the node, so the level and name tests come first. */
+int NA_PROG_SETSOCKOPT(void *ctx)
+{
+	struct sock_key key = {}, recv = {}, peer = {};
+	struct peer_sock *own, *pv;
+	__u64 sk = 0;
+	int val = 0;
+
+	if ((__u32)SYSCALL_ARG(ctx, 1) != NA_SOL_SOCKET ||
+	    (__u32)SYSCALL_ARG(ctx, 2) != NA_SO_ZEROCOPY)
+		return 0;
+	if ((__s32)SYSCALL_ARG(ctx, 4) < (int)sizeof(val) ||
+	    bpf_probe_read_user(&val, sizeof(val), (void *)SYSCALL_ARG(ctx, 3)) || !val)
+		return 0;
+	own = entry_of_fd(SYSCALL_ARG(ctx, 0), &key, &recv, &sk);
+	if (!own)
+		return 0;
+	own->zerocopy = 1;
+	/* The peer's entry: our sockhash key reversed, the key our sk_msg sends to (PAIRING). */
+	reverse_key(&peer, &recv);
+	pv = netaccel_peers.lookup(&peer);
+	if (pv)
+		pv->sender_zerocopy = 1;
+	return 0;
+}
+
+/* Rule 12, the sender's own mark (declared before NA_PROG_MSG). */
+static __always_inline int own_zerocopy(struct conn_state *st)
+{
+	struct peer_sock *own = netaccel_peers.lookup(&st->key);
+
+	return own && own->cookie == st->cookie && own->zerocopy;
 }

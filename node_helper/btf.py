@@ -169,6 +169,24 @@ class Btf:
                     return found[0], moff + found[1]
         return None
 
+    def enum_value(self, enum_name: str, name: str) -> int:
+        """The value of enumerator `name` of `enum enum_name` (ENUM or ENUM64)."""
+        for t in self.types:
+            if t is None or t.kind not in (ENUM, ENUM64) or t.name != enum_name:
+                continue
+            step = 8 if t.kind == ENUM else 12
+            for i in range(t.vlen):
+                name_off, lo = struct.unpack_from(self._order + "2I", self._data,
+                                                  t.extra + step * i)
+                if self._str(name_off) != name:
+                    continue
+                if t.kind == ENUM64:
+                    hi = struct.unpack_from(self._order + "I", self._data, t.extra + step * i + 8)
+                    return lo | hi[0] << 32
+                return lo - (1 << 32) if t.kind_flag and lo >> 31 else lo
+            raise BtfError(f"enum {enum_name} has no {name} in the kernel's BTF")
+        raise BtfError(f"enum {enum_name} is not in the kernel's BTF")
+
     def member(self, struct_name: str, path: str) -> Member:
         """Byte offset and size of `path` ("a.b.c") in struct `struct_name`."""
         type_id, bits = self.struct_id(struct_name), 0

@@ -76,6 +76,17 @@ def ensure_bpffs(path: Path = BPFFS) -> Path:
 TRACEFS = Path("/sys/kernel/tracing")
 
 
+def tracepoint_fields(category: str, name: str) -> dict[str, tuple[int, int]]:
+    """{field: (offset, size)} of tracepoint category:name's record (its tracefs format);
+    KernelFeatureError when the tracepoint does not exist."""
+    tracepoint_id(category, name)  # mounts tracefs; refuses a missing tracepoint
+    fields = {}
+    for m in re.finditer(r"field:[^;]*?(\w+)(?:\[\d*\])?;\s*offset:(\d+);\s*size:(\d+);",
+                         (TRACEFS / "events" / category / name / "format").read_text()):
+        fields[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return fields
+
+
 def tracepoint_id(category: str, name: str) -> int:
     """The id of tracepoint category:name (tracefs is mounted when it is not)."""
     if not any(point == TRACEFS and fstype == "tracefs" for _, point, fstype in mounts()):

@@ -67,22 +67,31 @@ PROG_SPLICE_NAME = f"{kernel.instance()}_spl"  # the splice guard (sockmap.c, ru
 PROG_SENDFILE_NAME = f"{kernel.instance()}_sfl"
 PROG_RECVFROM_NAME = f"{kernel.instance()}_rvf"  # MSG_WAITALL readers
 PROG_RECVMSG_NAME = f"{kernel.instance()}_rvm"
+PROG_URING_NAME = f"{kernel.instance()}_urs"  # io_uring splice (sockmap.c, rule 8b)
+PROG_SETSOCKOPT_NAME = f"{kernel.instance()}_sso"  # SO_ZEROCOPY (sockmap.c, rule 12)
 # pin name -> bcc object name
 PINNED_PROGS = {"prog_ops": PROG_OPS_NAME, "prog_msg": PROG_MSG_NAME,
                 "prog_splice": PROG_SPLICE_NAME, "prog_sendfile": PROG_SENDFILE_NAME,
-                "prog_recvfrom": PROG_RECVFROM_NAME, "prog_recvmsg": PROG_RECVMSG_NAME}
+                "prog_recvfrom": PROG_RECVFROM_NAME, "prog_recvmsg": PROG_RECVMSG_NAME,
+                "prog_uring": PROG_URING_NAME, "prog_setsockopt": PROG_SETSOCKOPT_NAME}
 PINNED_MAPS = {"map_socks": "netaccel_socks", "map_accel": "netaccel_accel",
                "map_counters": "netaccel_cnt", "map_config": "netaccel_cfg",
                "map_nobypass": "netaccel_nobypass", "map_events": "netaccel_events",
                # demotion (sockmap.c, DEMOTION; node_helper/demote.py)
                "map_peers": "netaccel_peers", "map_demote": "netaccel_demote",
                "map_dstat": "netaccel_dstat"}
-# pin name of a tracepoint link -> (its program's pin, tracepoint): pinned links keep the
-# guard attached after this process exits, like the legacy attachments of the others.
-GUARD_LINKS = {"link_splice": ("prog_splice", "sys_enter_splice"),
-               "link_sendfile": ("prog_sendfile", "sys_enter_sendfile64"),
-               "link_recvfrom": ("prog_recvfrom", "sys_enter_recvfrom"),
-               "link_recvmsg": ("prog_recvmsg", "sys_enter_recvmsg")}
+# pin name of a tracepoint link -> (its program's pin, tracepoint category, tracepoint):
+# pinned links keep the guard attached after this process exits, like the legacy
+# attachments of the others.
+GUARD_LINKS = {"link_splice": ("prog_splice", "syscalls", "sys_enter_splice"),
+               "link_sendfile": ("prog_sendfile", "syscalls", "sys_enter_sendfile64"),
+               "link_recvfrom": ("prog_recvfrom", "syscalls", "sys_enter_recvfrom"),
+               "link_recvmsg": ("prog_recvmsg", "syscalls", "sys_enter_recvmsg"),
+               "link_setsockopt": ("prog_setsockopt", "syscalls", "sys_enter_setsockopt"),
+               "link_uring": ("prog_uring", "io_uring", "io_uring_submit_req")}
+# Attached only where the kernel has io_uring (its tracepoint and layouts): without it there
+# is no io_uring splice to guard.
+OPTIONAL_LINKS = {"link_uring"}
 COUNTERS = bpf_abi.layout("bypass_counters")
 CONFIG = bpf_abi.layout("bypass_config")
 SOCK_KEY = bpf_abi.layout("sock_key")
@@ -141,6 +150,13 @@ KERNEL_MEMBERS = {
     "NA_OFF_SKC_NET": ("sock", "__sk_common.skc_net", 8),
     "NA_OFF_NET_NS_INUM": ("net", "ns.inum", 4),
 }
+# io_uring splice guard (sockmap.c, rule 8b): where splice_fd_in is in a request.
+URING_MEMBERS = {
+    "NA_OFF_KIOCB_CMD": ("io_kiocb", "cmd", 64),  # the command area: struct io_splice
+    "NA_OFF_SPLICE_FD_IN": ("io_splice", "splice_fd_in", 4),
+    "NA_OFF_SPLICE_FLAGS": ("io_splice", "flags", 4),
+}
+URING_TRACEPOINT = ("io_uring", "io_uring_submit_req")
 _MOUNTINFO = Path("/proc/self/mountinfo")  # tests point this at a fake one
 
 # --- the accelerated set ------------------------------------------------------------------
@@ -204,7 +220,8 @@ def attached_programs(cgroup: Path | None = None) -> list[int]:
 
 
 def _pins_complete() -> bool:
-    return all((PIN_DIR / n).exists() for n in (*PINNED_PROGS, *PINNED_MAPS, *GUARD_LINKS))
+    return all((PIN_DIR / n).exists() for n in (*PINNED_PROGS, *PINNED_MAPS, *GUARD_LINKS)
+               if n not in OPTIONAL_LINKS)
 
 
 def _is_enabled(cgroup_fd: int) -> bool:
@@ -566,6 +583,21 @@ def kernel_offsets() -> dict[str, int]:
         ) from None
 
 
+def uring_layout() -> dict[str, int] | None:
+    """The io_uring guard's -D values (BTF: opcode and offsets; tracefs: the tracepoint's
+    record), or None when this kernel has no io_uring to guard (nothing is attached then)."""
+    try:
+        out = btf.member_offsets(URING_MEMBERS)
+        out["NA_IORING_OP_SPLICE"] = btf.vmlinux().enum_value("io_uring_op", "IORING_OP_SPLICE")
+        fields = kernel.tracepoint_fields(*URING_TRACEPOINT)
+    except (btf.BtfError, KernelFeatureError, OSError):
+        return None
+    if fields.get("req", (0, 0))[1] != 8 or fields.get("opcode", (0, 0))[1] != 1:
+        return None
+    out["NA_TP_URING_REQ"], out["NA_TP_URING_OPCODE"] = fields["req"][0], fields["opcode"][0]
+    return out
+
+
 def _pack_config(config: dict[str, int]) -> bytes:
     return struct.pack(CONFIG.format, *(config[n] for n in CONFIG.names))
 
@@ -637,12 +669,17 @@ def _probe_sockhash() -> None:
 def _compile() -> tuple[Any, Any, Any]:
     """Compile and load bpf/sockmap.c with bcc; return (bpf, ops fn, msg fn)."""
     offsets = kernel_offsets()  # before compiling: refuse clearly, not half-working
+    # No io_uring here: the program compiles (with zeros) but is never attached.
+    offsets |= uring_layout() or dict.fromkeys([*URING_MEMBERS, "NA_IORING_OP_SPLICE",
+                                                "NA_TP_URING_REQ", "NA_TP_URING_OPCODE"], 0)
     bpf = kernel.compile_bpf(BPF_SOURCE, [f"-DNA_PROG_OPS={PROG_OPS_NAME}",
                                           f"-DNA_PROG_MSG={PROG_MSG_NAME}",
                                           f"-DNA_PROG_SPLICE={PROG_SPLICE_NAME}",
                                           f"-DNA_PROG_SENDFILE={PROG_SENDFILE_NAME}",
                                           f"-DNA_PROG_RECVFROM={PROG_RECVFROM_NAME}",
                                           f"-DNA_PROG_RECVMSG={PROG_RECVMSG_NAME}",
+                                          f"-DNA_PROG_URING={PROG_URING_NAME}",
+                                          f"-DNA_PROG_SETSOCKOPT={PROG_SETSOCKOPT_NAME}",
                                           *(f"-D{k}={v}" for k, v in sorted(offsets.items()))])
     try:
         bpf_abi.check_map(bpf, "netaccel_accel", key="lpm_key")
@@ -655,7 +692,7 @@ def _compile() -> tuple[Any, Any, Any]:
         ops = bpf.load_func(PROG_OPS_NAME.encode(), bcc.BPF.SOCK_OPS)
         msg = bpf.load_func(PROG_MSG_NAME.encode(), bcc.BPF.SK_MSG)
         for name in (PROG_SPLICE_NAME, PROG_SENDFILE_NAME, PROG_RECVFROM_NAME,
-                     PROG_RECVMSG_NAME):
+                     PROG_RECVMSG_NAME, PROG_URING_NAME, PROG_SETSOCKOPT_NAME):
             bpf.load_func(name.encode(), bcc.BPF.TRACEPOINT)
     except bpf_abi.AbiError:
         bpf.cleanup()
@@ -690,8 +727,11 @@ def _fresh_start(cgroup_fd: int, nets: Sequence[Any], config: dict[str, int]) ->
         for pin, name in PINNED_PROGS.items():
             obj_pin(bpf.funcs[name.encode()].fd, PIN_DIR / pin)
         # The splice guard first: from the first bypassed socket on, a splice is seen.
-        for link_pin, (prog_pin, tracepoint) in GUARD_LINKS.items():
-            tp_id = kernel.tracepoint_id("syscalls", tracepoint)
+        with_uring = uring_layout() is not None
+        for link_pin, (prog_pin, category, tracepoint) in GUARD_LINKS.items():
+            if link_pin in OPTIONAL_LINKS and not with_uring:
+                continue
+            tp_id = kernel.tracepoint_id(category, tracepoint)
             with closing(obj_get(PIN_DIR / prog_pin)) as prog_fd, \
                     closing(tracepoint_link(prog_fd, tp_id)) as link_fd:
                 obj_pin(link_fd, PIN_DIR / link_pin)

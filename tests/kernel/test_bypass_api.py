@@ -286,29 +286,83 @@ def _zerocopy_completions(s: socket.socket, want: int, timeout: float) -> tuple[
 
 def test_msg_zerocopy(p: Pair) -> None:
     """SO_ZEROCOPY + MSG_ZEROCOPY: every send is completed on the error queue (the
-    application may reuse its buffer only then), and the bytes arrive."""
+    application may reuse its buffer only then), and the bytes arrive.
+
+    On the bypass (bpf/sockmap.c, rule 12) the setsockopt moves the socket's sends to TCP at
+    once and the socket then leaves the sockhash (the demoter runs, as in the agent). While
+    it is still in the sockhash, tcp_bpf pushes a send to TCP one page fragment (<= 32 KiB)
+    at a time and each push completes with its own id: all completions arrive, ids stay
+    contiguous, but a 64 KiB send may take two. Once it left: one id per send, as on the
+    kernel path. Leaving moves the other direction to TCP too (nothing can be redirected
+    into a socket outside the sockhash: sockmap.c, DEMOTION)."""
+    from node_helper import demote, sockets
+
+    p.srv.sendall(b"hello")  # the reverse direction: redirected on the bypass
+    assert p.cl.recv(5) == b"hello"
+    stop = threading.Event()
+    demoter = threading.Thread(target=demote.run, args=(stop,), daemon=True)
+    if p.bypass:
+        demoter.start()
     p.cl.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
     p.cl.setblocking(True)  # with a timeout, Python would wait for POLLIN before MSG_ERRQUEUE
-    data = random.Random(4).randbytes(8 * 65536)
+    rng = random.Random(4)
+    sent = bytearray()
     got = bytearray()
     th = threading.Thread(target=lambda: got.extend(_recv_all(p.srv)), daemon=True)
     th.start()
-    sends = 0
-    for i in range(0, len(data), 65536):
-        view = memoryview(data)[i:i + 65536]
-        while view:
-            view = view[p.cl.sendmsg([view], [], MSG_ZEROCOPY):]
-            sends += 1
-    done, codes = _zerocopy_completions(p.cl, sends, 2)
+
+    buffers = []  # zerocopy: a buffer must live (unchanged) until its completion
+
+    def send(n: int, size: int) -> int:
+        sends = 0
+        for _ in range(n):
+            buffers.append(rng.randbytes(size))
+            view = memoryview(buffers[-1])
+            sent.extend(view)
+            while view:
+                view = view[p.cl.sendmsg([view], [], MSG_ZEROCOPY):]
+                sends += 1
+        return sends
+
+    def left_sockhash() -> bool:
+        return not p.bypass or sockets.read_demote_counters()["demoted"] >= 1
+
+    try:
+        # 1. Right after the setsockopt: every send completed, ids contiguous from 0.
+        first = send(8, 65536)
+        done, _ = _zerocopy_completions(p.cl, first, 2)
+        ids = len(done)
+        assert done == set(range(ids)) and ids >= first, f"{sorted(done)} for {first} sends"
+        if not p.bypass:
+            assert ids == first
+        # 2. Keep sending (the demotion's last step watches the sender's own queue) until
+        #    the socket left the sockhash.
+        deadline = time.monotonic() + 5
+        while not left_sockhash() and time.monotonic() < deadline:
+            ids += send(1, 4096)
+            time.sleep(0.01)
+        assert left_sockhash(), "the zerocopy sender did not leave the sockhash in 5 s"
+        more, _ = _zerocopy_completions(p.cl, 1 << 30, 0.3)  # the rest of phase 2 (any)
+        done |= more
+        ids = max(done) + 1
+        assert done == set(range(ids))
+        # 3. Identical to the kernel path: one id per send.
+        later = send(8, 65536)
+        done, _ = _zerocopy_completions(p.cl, later, 2)
+        assert done == set(range(ids, ids + later)), f"{sorted(done)} for {later} sends"
+    finally:
+        stop.set()
+        if demoter.is_alive():
+            demoter.join(5)
     p.cl.shutdown(socket.SHUT_WR)
     th.join(5)
-    assert bytes(got) == data
-    if p.mode == "kernel":
-        assert done == set(range(sends)), f"completions {sorted(done)} of {sends} sends"
-    else:
-        # Known difference (docs/socket-api.md): tcp_bpf_sendmsg copies the data and never
-        # completes a zerocopy send. Measured so a change in either direction is noticed.
-        assert done == set(), f"completions {sorted(done)} of {sends} sends on the bypass"
+    assert bytes(got) == bytes(sent)
+    p.srv.sendall(b"bye")  # the reverse direction still works (on TCP since the demotion)
+    assert p.cl.recv(3) == b"bye"
+    if p.bypass:
+        st = sockets.status()
+        assert st["fallback_dirs_zerocopy"] == 1 and st["fallback_dirs_demote"] == 1, st
+        assert st["redirected_msgs"] == 1 and st["demoted"] == 1, st  # only "hello"
 
 
 def test_msg_more_and_tcp_cork(p: Pair) -> None:
@@ -536,6 +590,35 @@ def test_io_uring_recv(p: Pair) -> None:
     th.join(5)
     assert proc.returncode == 0, err
     assert out == data
+
+
+def test_io_uring_recv_waitall(p: Pair) -> None:
+    """IORING_OP_RECV with MSG_WAITALL, bytes already queued when it starts (the case where
+    recv(2) returns early on the bypass): io_uring retries a short read of a stream socket
+    itself, so the one request completes with the whole length, as on the kernel path. No
+    guard needed (bpf/sockmap.c, rule 8b); nothing moves to TCP."""
+    data = random.Random(10).randbytes(300_000)
+    p.cl.sendall(data[:30_000])
+    time.sleep(0.1)  # queued at the receiver before the request is submitted
+    p.srv.setblocking(True)
+    before = Bypass.counters()
+    proc = subprocess.Popen([str(native.uring()), "recv-waitall", str(p.srv.fileno()),
+                             str(len(data))], pass_fds=[p.srv.fileno()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.2)  # the request is waiting for the rest
+        for i in range(30_000, len(data), 30_000):
+            p.cl.sendall(data[i:i + 30_000])
+            time.sleep(0.01)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert out == data, f"one IORING_OP_RECV with MSG_WAITALL returned {len(out)} bytes"
+    if p.bypass:
+        d = delta(before, Bypass.counters())
+        assert d["splice_seen"] == 0 and d["fallback_dirs_splice"] == 0, d
 
 
 def test_io_uring_send(p: Pair) -> None:

@@ -128,3 +128,34 @@ def test_running_kernel_members_the_bypass_needs() -> None:
     assert t.member("proto", "memory_allocated").size == 8
     # The nested path and the flattened name agree (skc_prot is found in sock_common).
     assert t.member("sock", "__sk_common.skc_prot") == t.member("sock_common", "skc_prot")
+
+
+def test_enum_values() -> None:
+    b = Builder()
+    b.int_("int", 4)
+    b.add(btf.ENUM, "colour", 2, 4, struct.pack("<Ii", b.s("RED"), 0)
+          + struct.pack("<Ii", b.s("MINUS"), -3), kind_flag=True)  # signed enum
+    b.add(btf.ENUM64, "big", 1, 8, struct.pack("<3I", b.s("HUGE"), 5, 1))
+    t = btf.Btf(b.bytes())
+    assert t.enum_value("colour", "RED") == 0
+    assert t.enum_value("colour", "MINUS") == -3
+    assert t.enum_value("big", "HUGE") == (1 << 32) | 5
+    with pytest.raises(btf.BtfError, match="has no BLUE"):
+        t.enum_value("colour", "BLUE")
+    with pytest.raises(btf.BtfError, match="enum shape is not"):
+        t.enum_value("shape", "RED")
+
+
+@pytest.mark.skipif(not btf.VMLINUX.exists(), reason="no kernel BTF on this machine")
+def test_running_kernel_io_uring_splice_layout() -> None:
+    """What the io_uring splice guard reads (bpf/sockmap.c, rule 8b), where the kernel has
+    io_uring: the opcode is uapi (30), the command area starts the request."""
+    t = btf.vmlinux()
+    try:
+        op = t.enum_value("io_uring_op", "IORING_OP_SPLICE")
+    except btf.BtfError:
+        pytest.skip("no io_uring in this kernel")
+    assert op == 30
+    assert t.member("io_kiocb", "cmd").offset == 0
+    assert t.member("io_splice", "splice_fd_in").size == 4
+    assert t.member("io_splice", "splice_fd_in").offset + 8 <= t.member("io_kiocb", "cmd").size

@@ -5,6 +5,12 @@
 //   uring send FD     stdin, to end of file, through IORING_OP_SEND
 //   uring splice FD [N]  IORING_OP_SPLICE socket -> pipe (then read(2) pipe -> stdout) until
 //                     end of file or, given N, until N bytes; then it answers "ok" (write(2))
+//   uring splice-sqpoll FD [N]  the same on an IORING_SETUP_SQPOLL ring (the kernel's SQ
+//                     thread submits)
+//   uring splice-fixed FD [N]   the same with FD registered as a fixed file
+//                     (SPLICE_F_FD_IN_FIXED)
+//   uring recv-waitall FD N  one IORING_OP_RECV of N bytes with MSG_WAITALL; the bytes to
+//                     stdout
 //
 // Exit 0 at end of file (recv, splice) or when all is sent; on an error from the ring it
 // prints "error <errno>" on stderr and exits 3.
@@ -60,13 +66,18 @@ static void write_all(int fd, const char *p, size_t n) {
 int main(int argc, char **argv) {
 	static char buf[CHUNK];
 	if (argc != 3 && argc != 4) {
-		fprintf(stderr, "usage: uring recv|send|splice FD [N]\n");
+		fprintf(stderr, "usage: uring recv|recv-waitall|send|splice|splice-sqpoll|splice-fixed FD [N]\n");
 		return 2;
 	}
 	int fd = atoi(argv[2]);
-	int ret = io_uring_queue_init(8, &ring, 0);
+	int sqpoll = !strcmp(argv[1], "splice-sqpoll"), fixed = !strcmp(argv[1], "splice-fixed");
+	int ret = io_uring_queue_init(8, &ring, sqpoll ? IORING_SETUP_SQPOLL : 0);
 	if (ret < 0) {
 		fprintf(stderr, "io_uring_queue_init %s\n", strerror(-ret));
+		return 5;
+	}
+	if (fixed && (ret = io_uring_register_files(&ring, &fd, 1)) < 0) {
+		fprintf(stderr, "io_uring_register_files %s\n", strerror(-ret));
 		return 5;
 	}
 	if (!strcmp(argv[1], "recv")) {
@@ -79,6 +90,15 @@ int main(int argc, char **argv) {
 				return 0;
 			write_all(1, buf, (size_t)res);
 		}
+	} else if (!strcmp(argv[1], "recv-waitall")) {
+		size_t n = argc == 4 ? (size_t)atol(argv[3]) : 0;
+		char *big = malloc(n ? n : 1);
+		io_uring_prep_recv(io_uring_get_sqe(&ring), fd, big, n, MSG_WAITALL);
+		int res = submit_wait();
+		if (res < 0)
+			fail(res);
+		write_all(1, big, (size_t)res);
+		return 0;
 	} else if (!strcmp(argv[1], "send")) {
 		for (;;) {
 			ssize_t n = read(0, buf, CHUNK);
@@ -97,7 +117,7 @@ int main(int argc, char **argv) {
 				off += res;
 			}
 		}
-	} else if (!strcmp(argv[1], "splice")) {
+	} else if (!strcmp(argv[1], "splice") || sqpoll || fixed) {
 		int p[2];
 		if (pipe(p) < 0) {
 			perror("pipe");
@@ -113,7 +133,11 @@ int main(int argc, char **argv) {
 			}
 			unsigned int n = want >= 0 && want - got < CHUNK ? (unsigned int)(want - got)
 									  : CHUNK;
-			io_uring_prep_splice(io_uring_get_sqe(&ring), fd, -1, p[1], -1, n, 0);
+			if (fixed)
+				io_uring_prep_splice(io_uring_get_sqe(&ring), 0, -1, p[1], -1, n,
+						     SPLICE_F_FD_IN_FIXED);
+			else
+				io_uring_prep_splice(io_uring_get_sqe(&ring), fd, -1, p[1], -1, n, 0);
 			int res = submit_wait();
 			if (res < 0)
 				fail(res);
