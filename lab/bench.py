@@ -209,6 +209,26 @@ def measure_point(variants: Sequence[str], apply: Callable[[str], None],
     return {v: statistics.median(values) for v, values in samples.items()}
 
 
+@contextmanager
+def demoter_running(policy: str) -> Iterator[None]:
+    """The bypass's demoter (node_helper.demote) in a thread while the block runs, as the agent
+    runs it on a node; none for policy "always" (nothing is ever demoted)."""
+    import threading
+
+    from node_helper import demote
+
+    stop = threading.Event()
+    demoter = threading.Thread(target=demote.run, args=(stop,), name="demoter", daemon=True)
+    if policy != "always":
+        demoter.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if demoter.is_alive():
+            demoter.join(5)
+
+
 def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                tests: Sequence[str] = ("tcp_lat", "tcp_bw"), rounds: int = 1,
                cpu_idle: str = "auto", progress: ProgressFn = stderr_progress,
@@ -218,13 +238,11 @@ def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
     With rounds > 1 every figure is the median of that many alternating measurements.
     `policy` is the bypass's demotion policy (node_helper.sockets.POLICIES); with "default"
     the demoter runs in a thread for the whole benchmark, as the agent runs it on a node."""
-    import threading
-
-    from node_helper import demote, sockets
+    from node_helper import sockets
 
     points = [(t, s) for s in sizes for t in tests]
     rows: list[Row] = []
-    with testbed_for(pods=2) as bed, qperf_server(bed.pods[1].netns):
+    with testbed_for(pods=2) as bed, qperf_server(bed.pods[1].netns), demoter_running(policy):
         client, server, cidrs = bed.pods[0], bed.pods[1], bed.pod_cidrs()
 
         def apply(variant: str) -> None:
@@ -233,11 +251,6 @@ def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
             else:
                 sockets.disable()
 
-        stop = threading.Event()
-        demoter = threading.Thread(target=demote.run, args=(stop,), name="demoter",
-                                   daemon=True)
-        if policy != "always":
-            demoter.start()
         try:
             for n, (test, size) in enumerate(points, 1):
                 def measure(variant: str, test: str = test, size: int = size) -> float:
@@ -255,9 +268,6 @@ def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                          f"kernel {row.baseline:9.2f}  bypass {row.accelerated:9.2f}  "
                          f"floor {row.floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
         finally:
-            stop.set()
-            if demoter.is_alive():
-                demoter.join(5)
             sockets.disable()
     return rows
 
@@ -267,7 +277,8 @@ MESH_VARIANTS = ("baseline", "accelerated", "floor")
 
 def bench_mesh(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                tests: Sequence[str] = ("tcp_lat", "tcp_bw"), rounds: int = 1,
-               cpu_idle: str = "auto", progress: ProgressFn = stderr_progress) -> list[Row]:
+               cpu_idle: str = "auto", progress: ProgressFn = stderr_progress,
+               policy: str = "default") -> list[Row]:
     """qperf from an app in one meshed pod to an app in another, through both sidecars.
 
     Variants, alternating (ABBA) on the same two pods in one run:
@@ -276,18 +287,20 @@ def bench_mesh(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
       floor        the same pods without the mesh: rules removed, the proxies idle, kernel path
     qperf's control connection (19765) and its data connection (a port the server picks and
     tells the client) are both REDIRECTed: every outbound TCP port is (docs/mesh.md).
-    With rounds > 1 every figure is the median of that many alternating measurements."""
+    With rounds > 1 every figure is the median of that many alternating measurements; the
+    demotion `policy` and its demoter as in bench_pods."""
     from node_helper import sockets
 
     points = [(t, s) for s in sizes for t in tests]
     rows: list[Row] = []
-    with testbed_for(pods=2, mesh=True) as bed, qperf_server(bed.pods[1].netns):
+    with testbed_for(pods=2, mesh=True) as bed, qperf_server(bed.pods[1].netns), \
+            demoter_running(policy):
         client, server, cidrs = bed.pods[0], bed.pods[1], bed.pod_cidrs()
 
         def apply(variant: str) -> None:
             bed.mesh_redirect(variant != "floor")
             if variant == "accelerated":
-                sockets.enable(cidrs)
+                sockets.enable(cidrs, policy=policy)
             else:
                 sockets.disable()
 

@@ -5,7 +5,7 @@
     netaccel-lab testbed join --number K1 --peer K2 | unjoin --number K
                                                  two testbeds as a two-node cluster (VXLAN)
     netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
-    netaccel-lab bench pods|vm|mesh [--quick] [--rounds R] [--policy always|default (pods)]
+    netaccel-lab bench pods|vm|mesh [--quick] [--rounds R] [--policy always|default (pods, mesh)]
                                     [--json FILE] [--plot FILE.png]
     netaccel-lab bench node [--quick] [--pods N] [--vms M] [--json FILE]   the agent at scale
 
@@ -166,11 +166,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     if bench.keep_awake_for(t, args.cpu_idle)],
     }
     extra = {}
-    if args.target == "pods":
+    if args.target in ("pods", "mesh"):
         meta["bypass_policy"] = bench.policy_meta(args.policy)
         extra["policy"] = args.policy
     elif args.policy != "default":
-        raise ValueError("--policy is the socket bypass's: it applies to `bench pods` only")
+        raise ValueError("--policy is the socket bypass's: it applies to `bench pods|mesh` only")
     rows = run(sizes, seconds, rounds=args.rounds, cpu_idle=args.cpu_idle, **extra)
     print(bench.format_table(rows))
     if args.json:
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=1,
                    help="alternating rounds per point; figures are their median (default 1)")
     p.add_argument("--policy", choices=["default", "always"], default="default",
-                   help="pods: the bypass's demotion policy: default (one-way small-message "
+                   help="pods, mesh: the bypass's demotion policy: default (one-way small-message "
                    "streams move to the kernel path) or always (never demote)")
     p.add_argument("--cpu-idle", choices=bench.CPU_IDLE_POLICIES, default="auto",
                    help="hold a 0 us cpu_dma_latency PM QoS request: for latency tests only "
