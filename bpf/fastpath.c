@@ -94,7 +94,8 @@ BPF_TABLE_PINNED("percpu_hash", struct fp_dev_key, struct fp_counters, netaccel_
 		 NA_PIN_DIR "/counters");
 /* REMOTE: address ranges of accelerated endpoints on other nodes (IPv4 a.b.c.d/n stored as
  * ::ffff:a.b.c.d/(96+n), as the socket bypass's set). */
-BPF_F_TABLE("lpm_trie", struct lpm_key, __u32, netaccel_fp_remote, 4096, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct lpm_key, __u32, netaccel_fp_remote, 4096,
+		 NA_PIN_DIR "/remote", BPF_F_NO_PREALLOC);
 
 /* bcc 0.26 declares bpf_redirect_neigh() without its `plen` argument (so a nexthop would be
  * ignored): the helper's real prototype. */

@@ -39,6 +39,7 @@ and alias. `netaccel-lab testbed down` unjoins first, so the survivor is left as
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 from collections.abc import Iterator
@@ -61,6 +62,19 @@ STATE_ALIAS = "netaccel-lab-join"
 RTNH_F_ONLINK = 4
 FORWARDING = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")
 _STATE_RE = re.compile(rf"^{STATE_ALIAS} peer=(\d+) forwarding=(\d),(\d)$")
+
+
+@contextlib.contextmanager
+def as_node(k: int) -> Iterator[str]:
+    """Make the agent's calls in this block node k's (NETACCEL_INSTANCE <base>n<k>: its own
+    pins and locks), as each node of a real cluster runs its own agent; yields the name."""
+    base = os.environ.get("NETACCEL_INSTANCE", "netaccel")
+    name = f"{base[:6]}n{k}"
+    os.environ["NETACCEL_INSTANCE"] = name
+    try:
+        yield name
+    finally:
+        os.environ["NETACCEL_INSTANCE"] = base
 
 
 def underlay_address(k: int) -> str:

@@ -3,6 +3,7 @@
     netaccel doctor [--json]
     netaccel bypass on --cidr CIDR [--cidr CIDR ...] | off | status [--json] | guard
     netaccel vm accelerate|restore|status --netns NS [--interface IF] ...
+    netaccel fastpath add|remove|uplink|remote|status|cleanup [--device DEV] [--netns NS] ...
     netaccel node run [--static FILE] [--kubernetes] [--node-name N] [--metrics-bind H:P]
     netaccel node status [--json] | cleanup [--json]
 
@@ -151,6 +152,41 @@ def cmd_vm(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+# --- fastpath ------------------------------------------------------------------
+
+def cmd_fastpath(args: argparse.Namespace) -> int:
+    from node_helper import fastpath
+
+    node_ns = args.node_netns
+    if args.action in ("add", "remove", "uplink") and not args.device:
+        raise ValueError(f"fastpath {args.action} needs --device (the node-side device)")
+    if args.action == "add":
+        if args.vm and (not args.mac or not args.address):
+            raise ValueError("fastpath add --vm needs the guest's --mac and --address")
+        if not args.vm and not args.netns:
+            raise ValueError("fastpath add needs --netns (the pod's; its facts are read there)")
+        result = fastpath.add(node_ns, args.device, args.netns, ifname=args.interface,
+                              mac=args.mac, addresses=args.address, vm=args.vm)
+        print(f"{args.device}: on the node fast path ({', '.join(result['addresses'])})",
+              file=sys.stderr)
+    elif args.action == "uplink":
+        result = fastpath.add_uplink(node_ns, args.device)
+        print(f"{args.device}: frames from other nodes to local endpoints go straight in",
+              file=sys.stderr)
+    elif args.action == "remote":
+        result = {"remote": fastpath.set_remote(args.cidr or [])}
+    elif args.action == "remove":
+        result = fastpath.remove(node_ns, args.device)
+        print(f"{args.device}: back on the CNI's path", file=sys.stderr)
+    elif args.action == "cleanup":
+        result = {"removed": fastpath.cleanup(node_ns)}
+        print("node fast path: nothing of netaccel is attached", file=sys.stderr)
+    else:
+        result = fastpath.status(node_ns)
+    show(result, args.json)
+    return exitcodes.OK
+
+
 # --- node ----------------------------------------------------------------------
 
 def _kubernetes(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -275,6 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "off costs TCP >= 4 KiB about a quarter of its throughput)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vm)
+
+    p = sub.add_parser("fastpath", help="node fast path: endpoint veth -> endpoint netns, "
+                       "skipping the node's bridge, routing and netfilter (tc)")
+    p.add_argument("action", choices=["add", "remove", "uplink", "remote", "status", "cleanup"],
+                   help="add/remove an endpoint (--device); uplink: the device other nodes' "
+                   "frames arrive on (VXLAN); remote: the other nodes' accelerated prefixes")
+    p.add_argument("--device", help="the endpoint's node-side veth (or the uplink device)")
+    p.add_argument("--netns", help="add: the endpoint's netns (a pod's, or a virt-launcher's)")
+    p.add_argument("--node-netns", help="the node's netns (default: this process's)")
+    p.add_argument("--interface", default="eth0", help="add: the pod's interface (eth0)")
+    p.add_argument("--vm", action="store_true", help="add: the endpoint is a VM (give --mac, "
+                   "--address: the guest's, as in the VMI's status)")
+    p.add_argument("--mac", help="add --vm: the guest's MAC")
+    p.add_argument("--address", action="append", help="add: the endpoint's addresses "
+                   "(repeatable; a pod: default all of --interface's)")
+    p.add_argument("--cidr", action="append", type=_valid_cidr,
+                   help="remote: an accelerated prefix on another node (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fastpath)
 
     p = sub.add_parser("node", help="the node agent: run it, see and remove what it installed")
     p.add_argument("action", choices=["run", "status", "cleanup"])

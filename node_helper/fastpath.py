@@ -58,8 +58,9 @@ KFUNCS = {"NA_KF_CT_LOOKUP": "bpf_skb_ct_lookup", "NA_KF_CT_RELEASE": "bpf_ct_re
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 
 
-class FastPathError(RuntimeError):
-    """An endpoint cannot be put on (or taken off) the fast path; the message says why."""
+class FastPathError(ValueError):
+    """An endpoint cannot be put on the fast path as asked (a device that is not a veth into
+    another netns, an interface without addresses, ...); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def _program() -> Path:
         insns, marked = mark_kfunc_calls(ctypes.string_at(start, size),
                                          {btf.func_id(n) for n in KFUNCS.values()})
         if marked < 2:
-            raise FastPathError(f"{SOURCE}: expected the conntrack kfunc calls, marked {marked}")
+            raise RuntimeError(f"{SOURCE}: expected 2 conntrack kfunc calls, marked {marked}")
         try:
             fd = bpf_syscall.prog_load(BPF_PROG_TYPE_SCHED_CLS, insns, prog_name())
         except OSError as exc:
@@ -205,9 +206,9 @@ def _link(ns: Any, ifname: str, where: str) -> Any:
     return links[0]
 
 
-def read_facts(netns: str, ifname: str = "eth0") -> Facts:
-    """A pod's facts from its netns: `ifname`'s MAC and global addresses, and the MAC of its
-    IPv4 (else IPv6) default gateway's neighbour entry, when resolved."""
+def read_facts(netns: str, ifname: str = "eth0", node_netns: str | None = None) -> Facts:
+    """A pod's facts from its netns: `ifname`'s MAC and global addresses, and its gateway's
+    MAC (gateway_mac)."""
     with _netns(netns) as ns:
         link = _link(ns, ifname, f"netns {netns}")
         addrs = tuple(sorted(
@@ -215,18 +216,33 @@ def read_facts(netns: str, ifname: str = "eth0") -> Facts:
             if a["scope"] == 0 and not a.get_attr("IFA_ADDRESS", "").startswith("fe80")))
         if not addrs:
             raise FastPathError(f"{ifname} in netns {netns} has no global address")
-        return Facts(addrs, link.get_attr("IFLA_ADDRESS"), _gateway_mac(ns))
+        mac = link.get_attr("IFLA_ADDRESS")
+    return Facts(addrs, mac, gateway_mac(netns, node_netns))
 
 
-def _gateway_mac(ns: Any) -> str | None:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for route in ns.get_default_routes(family=family):
-            gw = route.get_attr("RTA_GATEWAY")
-            if not gw:
-                continue
-            for n in ns.get_neighbours(family=family, dst=gw):
-                if n["state"] & NUD_VALID and n.get_attr("NDA_LLADDR"):
-                    return n.get_attr("NDA_LLADDR")
+def gateway_mac(netns: str, node_netns: str | None = None) -> str | None:
+    """The MAC the endpoint sends routed frames to: its IPv4 (else IPv6) default gateway's
+    neighbour entry in its netns; if it has not resolved it yet, the node device that holds
+    the gateway's address (a bridge CNI's gateway is the node's bridge). None: unknown."""
+    gateways = []
+    with _netns(netns) as ns:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in ns.get_default_routes(family=family):
+                gw = route.get_attr("RTA_GATEWAY")
+                if not gw:
+                    continue
+                gateways.append(gw)
+                for n in ns.get_neighbours(family=family, dst=gw):
+                    if n["state"] & NUD_VALID and n.get_attr("NDA_LLADDR"):
+                        return n.get_attr("NDA_LLADDR")
+    if not gateways:
+        return None
+    with _netns(node_netns) as node:
+        for a in node.get_addr():
+            if a.get_attr("IFA_ADDRESS") in gateways:
+                links = node.get_links(a["index"])
+                if links and links[0].get_attr("IFLA_ADDRESS"):
+                    return links[0].get_attr("IFLA_ADDRESS")
     return None
 
 
@@ -273,7 +289,7 @@ def add(node_netns: str | None, host_veth: str, endpoint_netns: str | None = Non
     A pod: its facts are read from `endpoint_netns` (`ifname`). A VM (`vm=True`): `mac` and
     `addresses` are the guest's (KubeVirt's VMI status), the gateway from the launcher's netns.
     Idempotent; returns the endpoint's status."""
-    facts = _facts(endpoint_netns, ifname, mac, addresses, vm)
+    facts = _facts(node_netns, endpoint_netns, ifname, mac, addresses, vm)
     with kernel.locked("fastpath"):
         pin = _program()
         with _netns(node_netns) as ns:
@@ -298,19 +314,16 @@ def add(node_netns: str | None, host_veth: str, endpoint_netns: str | None = Non
     return endpoint_status(node_netns, host_veth)
 
 
-def _facts(endpoint_netns: str | None, ifname: str, mac: str | None,
+def _facts(node_netns: str | None, endpoint_netns: str | None, ifname: str, mac: str | None,
            addresses: list[str] | None, vm: bool) -> Facts:
     if vm:
         if not mac or not addresses:
             raise FastPathError("a VM endpoint needs the guest's MAC and addresses")
-        gw = None
-        if endpoint_netns:
-            with _netns(endpoint_netns) as ns:
-                gw = _gateway_mac(ns)
+        gw = gateway_mac(endpoint_netns, node_netns) if endpoint_netns else None
         return Facts(tuple(addresses), mac, gw, vm=True)
     if endpoint_netns is None:
         raise FastPathError("a pod endpoint needs its netns (its facts are read there)")
-    facts = read_facts(endpoint_netns, ifname)
+    facts = read_facts(endpoint_netns, ifname, node_netns)
     if addresses:  # a subset the caller wants (the others stay on the CNI's path)
         unknown = set(addresses) - set(facts.addresses)
         if unknown:

@@ -5,7 +5,6 @@ CNI's path; the node's netfilter still judging every flow; restore."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,37 +15,18 @@ from pyroute2 import NetNS
 
 from lab.testbed import Testbed, run_in
 from node_helper import fastpath
-from node_helper.kernel import in_netns, netns_argv
+from node_helper.kernel import in_netns
 
 from .conftest import next_port
+from .nodepath import CNI_RULES, counters, crossed_forward, nft, tcp_bulk, udp_echo
 
 pytestmark = pytest.mark.kernel
-
-# The CNI stand-in's rules in the node netns: conntrack on (as kube-proxy and most CNIs have
-# it), a counter of what crosses the node's forward hook, and a chain tests add drops to.
-CNI_RULES = """
-table inet cni {
-    chain forward {
-        type filter hook forward priority 0;
-        jump netpol
-        ct state established,related counter name cnt_est accept
-        counter name cnt_other accept
-    }
-    chain netpol {
-    }
-    counter cnt_est {
-    }
-    counter cnt_other {
-    }
-}
-"""
-
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     """pod0, pod1 on the fast path; pod2 not; vm0, vm1 (netns guests) on it."""
     with Testbed.create(pods=3, vms=2) as tb:
-        _nft(tb, CNI_RULES)
+        nft(tb.node_netns, CNI_RULES)
         try:
             for pod in tb.pods[:2]:
                 fastpath.add(tb.node_netns, pod.host_veth, pod.netns)
@@ -60,93 +40,21 @@ def bed() -> Iterator[Testbed]:
     assert not fastpath.pin_dir().exists()
 
 
-def _nft(tb: Testbed, text: str) -> None:
-    proc = subprocess.run(netns_argv(tb.node_netns, ["nft", "-f", "-"]), input=text,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
-def _nft_counter(tb: Testbed, name: str) -> int:
-    out = run_in(tb.node_netns, ["nft", "list", "counter", "inet", "cni", name]).stdout
-    return int(out.split("packets")[1].split()[0])
-
-
-def _counters(tb: Testbed, device: str) -> dict[str, int]:
-    return fastpath.endpoint_status(tb.node_netns, device)["counters"]
-
-
-def _udp_echo(src_ns: str, dst_ns: str, dst_ip: str, count: int = 50,
-              size: int = 1200) -> int:
-    """`count` datagrams src -> dst, each echoed back; how many round trips completed."""
-    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
-    port = next_port()
-    with in_netns(dst_ns):
-        srv = socket.socket(family, socket.SOCK_DGRAM)
-    with in_netns(src_ns):
-        cl = socket.socket(family, socket.SOCK_DGRAM)
-    with srv, cl:
-        srv.bind((dst_ip, port))
-        srv.settimeout(0.5)
-        cl.settimeout(0.5)
-        done = 0
-        for i in range(count):
-            payload = i.to_bytes(4, "big") * (size // 4)
-            cl.sendto(payload, (dst_ip, port))
-            try:
-                data, peer = srv.recvfrom(65536)
-                srv.sendto(data, peer)
-                if cl.recvfrom(65536)[0] == payload:
-                    done += 1
-            except TimeoutError:
-                continue
-        return done
-
-
-def _tcp_bulk(src_ns: str, dst_ns: str, dst_ip: str, size: int = 8 << 20) -> None:
-    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
-    port = next_port()
-    with in_netns(dst_ns):
-        ls = socket.socket(family, socket.SOCK_STREAM)
-    with ls:
-        ls.bind((dst_ip, port))
-        ls.listen()
-        ls.settimeout(10)
-        with in_netns(src_ns):
-            cl = socket.create_connection((dst_ip, port), timeout=10)
-        srv, _ = ls.accept()
-    data = bytes(range(251)) * (size // 251)
-    got = bytearray()
-
-    def drain() -> None:
-        while len(got) < len(data):
-            chunk = srv.recv(1 << 17)
-            if not chunk:
-                return
-            got.extend(chunk)
-
-    with cl, srv:
-        reader = threading.Thread(target=drain)
-        reader.start()
-        cl.sendall(data)
-        reader.join(60)
-    assert bytes(got) == data
-
-
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_pod_to_pod_udp_and_tcp_take_the_fast_path(bed: Testbed, family: str) -> None:
     p0, p1 = bed.pods[:2]
     dst = p1.ipv4 if family == "ipv4" else p1.ipv6
-    c0, c1 = _counters(bed, p0.host_veth), _counters(bed, p1.host_veth)
-    seen0 = _nft_counter(bed, "cnt_est") + _nft_counter(bed, "cnt_other")
-    assert _udp_echo(p0.netns, p1.netns, dst, 100) == 100
-    _tcp_bulk(p0.netns, p1.netns, dst)
-    d0 = {k: v - c0[k] for k, v in _counters(bed, p0.host_veth).items()}
-    d1 = {k: v - c1[k] for k, v in _counters(bed, p1.host_veth).items()}
+    c0, c1 = counters(bed.node_netns, p0.host_veth), counters(bed.node_netns, p1.host_veth)
+    seen0 = crossed_forward(bed.node_netns)
+    assert udp_echo(p0.netns, p1.netns, dst, 100) == 100
+    tcp_bulk(p0.netns, p1.netns, dst)
+    d0 = {k: v - c0[k] for k, v in counters(bed.node_netns, p0.host_veth).items()}
+    d1 = {k: v - c1[k] for k, v in counters(bed.node_netns, p1.host_veth).items()}
     assert d0["fast_packets"] >= 100 and d1["fast_packets"] >= 100, (d0, d1)
     assert d0["fast_bytes"] >= 8 << 20, d0
     # Only each flow's first packets crossed the node (and its netfilter): one UDP flow and
     # one TCP connection, each judged until conntrack saw it both ways.
-    crossed = _nft_counter(bed, "cnt_est") + _nft_counter(bed, "cnt_other") - seen0
+    crossed = crossed_forward(bed.node_netns) - seen0
     assert crossed <= 12, crossed
     assert d0["ct_misses"] >= 2 and d1["ct_misses"] >= 1, (d0, d1)
 
@@ -154,11 +62,11 @@ def test_pod_to_pod_udp_and_tcp_take_the_fast_path(bed: Testbed, family: str) ->
 def test_vm_to_pod_and_vm_to_vm(bed: Testbed) -> None:
     vm0, vm1 = bed.vms
     p0 = bed.pods[0]
-    before = {d: _counters(bed, d) for d in (vm0.host_veth, vm1.host_veth, p0.host_veth)}
-    assert _udp_echo(vm0.guest_netns, p0.netns, p0.ipv4, 60) == 60
-    assert _udp_echo(vm0.guest_netns, vm1.guest_netns, vm1.ipv4, 60) == 60
-    _tcp_bulk(vm1.guest_netns, vm0.guest_netns, vm0.ipv4, 2 << 20)
-    after = {d: _counters(bed, d) for d in before}
+    before = {d: counters(bed.node_netns, d) for d in (vm0.host_veth, vm1.host_veth, p0.host_veth)}
+    assert udp_echo(vm0.guest_netns, p0.netns, p0.ipv4, 60) == 60
+    assert udp_echo(vm0.guest_netns, vm1.guest_netns, vm1.ipv4, 60) == 60
+    tcp_bulk(vm1.guest_netns, vm0.guest_netns, vm0.ipv4, 2 << 20)
+    after = {d: counters(bed.node_netns, d) for d in before}
     fast = {d: after[d]["fast_packets"] - before[d]["fast_packets"] for d in before}
     fast_bytes = {d: after[d]["fast_bytes"] - before[d]["fast_bytes"] for d in before}
     # each UDP flow's first datagram (and first answer) is judged by the node's rules
@@ -173,14 +81,14 @@ def test_not_accelerated_peer_arp_and_nd_take_the_cni_path(bed: Testbed) -> None
     p0, p2 = bed.pods[0], bed.pods[2]
     for ns in (p0.netns, bed.pods[1].netns):
         run_in(ns, ["ip", "neigh", "flush", "all"])
-    c0 = _counters(bed, p0.host_veth)
-    assert _udp_echo(p0.netns, p2.netns, p2.ipv4, 20) == 20
-    assert _udp_echo(p0.netns, p2.netns, p2.ipv6, 20) == 20
-    assert _counters(bed, p0.host_veth)["fast_packets"] == c0["fast_packets"]
+    c0 = counters(bed.node_netns, p0.host_veth)
+    assert udp_echo(p0.netns, p2.netns, p2.ipv4, 20) == 20
+    assert udp_echo(p0.netns, p2.netns, p2.ipv6, 20) == 20
+    assert counters(bed.node_netns, p0.host_veth)["fast_packets"] == c0["fast_packets"]
     # neighbours flushed: the next exchange to pod1 resolves again, then goes fast
-    assert _udp_echo(p0.netns, bed.pods[1].netns, bed.pods[1].ipv4, 10) == 10
-    assert _udp_echo(p0.netns, bed.pods[1].netns, bed.pods[1].ipv6, 10) == 10
-    assert _counters(bed, p0.host_veth)["fast_packets"] > c0["fast_packets"]
+    assert udp_echo(p0.netns, bed.pods[1].netns, bed.pods[1].ipv4, 10) == 10
+    assert udp_echo(p0.netns, bed.pods[1].netns, bed.pods[1].ipv6, 10) == 10
+    assert counters(bed.node_netns, p0.host_veth)["fast_packets"] > c0["fast_packets"]
 
 
 def test_a_netfilter_drop_rule_still_drops(bed: Testbed) -> None:
@@ -189,7 +97,7 @@ def test_a_netfilter_drop_rule_still_drops(bed: Testbed) -> None:
     an answer and the flow never takes the fast path); other flows still go fast."""
     p0, p1 = bed.pods[:2]
     port = next_port()
-    _nft(bed, f"add rule inet cni netpol ip saddr {p0.ipv4} ip daddr {p1.ipv4} "
+    nft(bed.node_netns, f"add rule inet cni netpol ip saddr {p0.ipv4} ip daddr {p1.ipv4} "
               f"udp dport {port} drop\n")
     try:
         with in_netns(p1.netns):
@@ -199,16 +107,16 @@ def test_a_netfilter_drop_rule_still_drops(bed: Testbed) -> None:
         with srv, cl:
             srv.bind((p1.ipv4, port))
             srv.settimeout(0.3)
-            c0 = _counters(bed, p0.host_veth)
+            c0 = counters(bed.node_netns, p0.host_veth)
             for _ in range(20):
                 cl.sendto(b"blocked", (p1.ipv4, port))
             with pytest.raises(TimeoutError):
                 srv.recvfrom(100)
-            d = {k: v - c0[k] for k, v in _counters(bed, p0.host_veth).items()}
+            d = {k: v - c0[k] for k, v in counters(bed.node_netns, p0.host_veth).items()}
         assert d["fast_packets"] == 0 and d["ct_misses"] == 20, d
-        assert _udp_echo(p0.netns, p1.netns, p1.ipv4, 10) == 10  # another port: allowed
+        assert udp_echo(p0.netns, p1.netns, p1.ipv4, 10) == 10  # another port: allowed
     finally:
-        _nft(bed, "flush chain inet cni netpol\n")
+        nft(bed.node_netns, "flush chain inet cni netpol\n")
 
 
 def test_remove_and_add_under_traffic_keep_it_flowing(bed: Testbed) -> None:
@@ -270,6 +178,6 @@ def test_cleanup_restores_the_cni_path_exactly(bed: Testbed) -> None:
             after = {p.host_veth: sorted(q.get_attr("TCA_KIND") for q in ns.get_qdiscs(
                 index=ns.link_lookup(ifname=p.host_veth)[0])) for p in tb.pods}
         assert after == before
-        assert _udp_echo(tb.pods[0].netns, tb.pods[1].netns, tb.pods[1].ipv4, 5) == 5
+        assert udp_echo(tb.pods[0].netns, tb.pods[1].netns, tb.pods[1].ipv4, 5) == 5
     # the module's endpoints are still there: the pins stay until the last endpoint goes
     assert Path(fastpath.pin_dir()).exists()

@@ -1,0 +1,110 @@
+"""Shared by the node fast path tests: the CNI stand-in's netfilter rules in a node netns, and
+traffic whose every datagram or byte is checked."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+
+from lab.testbed import run_in
+from node_helper import fastpath
+from node_helper.kernel import in_netns, netns_argv
+
+from .conftest import next_port
+
+# The CNI stand-in's rules in the node netns: conntrack on (as kube-proxy and most CNIs have
+# it), a counter of what crosses the node's forward hook, and a chain tests add drops to.
+CNI_RULES = """
+table inet cni {
+    chain forward {
+        type filter hook forward priority 0;
+        jump netpol
+        ct state established,related counter name cnt_est accept
+        counter name cnt_other accept
+    }
+    chain netpol {
+    }
+    counter cnt_est {
+    }
+    counter cnt_other {
+    }
+}
+"""
+
+
+def nft(node_netns: str, text: str) -> None:
+    proc = subprocess.run(netns_argv(node_netns, ["nft", "-f", "-"]), input=text,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def nft_counter(node_netns: str, name: str) -> int:
+    out = run_in(node_netns, ["nft", "list", "counter", "inet", "cni", name]).stdout
+    return int(out.split("packets")[1].split()[0])
+
+
+def counters(node_netns: str, device: str) -> dict[str, int]:
+    return fastpath.endpoint_status(node_netns, device)["counters"]
+
+
+def udp_echo(src_ns: str, dst_ns: str, dst_ip: str, count: int = 50,
+              size: int = 1200) -> int:
+    """`count` datagrams src -> dst, each echoed back; how many round trips completed."""
+    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
+    port = next_port()
+    with in_netns(dst_ns):
+        srv = socket.socket(family, socket.SOCK_DGRAM)
+    with in_netns(src_ns):
+        cl = socket.socket(family, socket.SOCK_DGRAM)
+    with srv, cl:
+        srv.bind((dst_ip, port))
+        srv.settimeout(0.5)
+        cl.settimeout(0.5)
+        done = 0
+        for i in range(count):
+            payload = i.to_bytes(4, "big") * (size // 4)
+            cl.sendto(payload, (dst_ip, port))
+            try:
+                data, peer = srv.recvfrom(65536)
+                srv.sendto(data, peer)
+                if cl.recvfrom(65536)[0] == payload:
+                    done += 1
+            except TimeoutError:
+                continue
+        return done
+
+
+def tcp_bulk(src_ns: str, dst_ns: str, dst_ip: str, size: int = 8 << 20) -> None:
+    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
+    port = next_port()
+    with in_netns(dst_ns):
+        ls = socket.socket(family, socket.SOCK_STREAM)
+    with ls:
+        ls.bind((dst_ip, port))
+        ls.listen()
+        ls.settimeout(10)
+        with in_netns(src_ns):
+            cl = socket.create_connection((dst_ip, port), timeout=10)
+        srv, _ = ls.accept()
+    data = bytes(range(251)) * (size // 251)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(data):
+            chunk = srv.recv(1 << 17)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    with cl, srv:
+        reader = threading.Thread(target=drain)
+        reader.start()
+        cl.sendall(data)
+        reader.join(60)
+    assert bytes(got) == data
+
+
+def crossed_forward(node_netns: str) -> int:
+    """Packets that crossed the node's forward hook (both counters of CNI_RULES)."""
+    return nft_counter(node_netns, "cnt_est") + nft_counter(node_netns, "cnt_other")

@@ -1,0 +1,159 @@
+"""The node fast path across two nodes (lab/multinode.py: two testbeds joined by a wire, with
+flannel-style VXLAN): pod <-> pod and VM <-> pod, UDP and TCP, IPv4 and IPv6. Each node runs
+its own agent instance (multinode.as_node), as in a cluster."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from lab import multinode
+from lab.testbed import Testbed, run_in
+from node_helper import fastpath
+
+from .nodepath import CNI_RULES, counters, crossed_forward, nft, tcp_bulk, udp_echo
+
+pytestmark = pytest.mark.kernel
+
+
+@dataclass
+class TwoNodes:
+    a: Testbed
+    b: Testbed
+    cluster: multinode.Cluster
+
+    def node(self, bed: Testbed) -> multinode.Node:
+        return self.cluster.node(bed.number)
+
+
+def _accelerate(bed: Testbed, peer: Testbed, node: multinode.Node) -> None:
+    """Node `bed`'s agent: its pods and VMs, its VXLAN device, the peer's endpoints as remote."""
+    with multinode.as_node(bed.number):
+        for pod in bed.pods:
+            fastpath.add(bed.node_netns, pod.host_veth, pod.netns)
+        for vm in bed.vms:
+            guest = fastpath.read_facts(vm.guest_netns)
+            fastpath.add(bed.node_netns, vm.host_veth, vm.launcher_netns, vm=True,
+                         mac=guest.mac, addresses=list(guest.addresses))
+        fastpath.add_uplink(bed.node_netns, node.vxlan)
+        fastpath.set_remote([f"{p.ipv4}/32" for p in peer.pods] +
+                            [f"{p.ipv6}/128" for p in peer.pods] +
+                            [f"{vm.ipv4}/32" for vm in peer.vms])
+
+
+@pytest.fixture(scope="module")
+def two() -> Iterator[TwoNodes]:
+    with Testbed.create(pods=2, vms=1) as a, Testbed.create(pods=2) as b, \
+            multinode.joined(a, b) as cluster:
+        for vm in a.vms:  # the testbed gives a netns guest no default route
+            run_in(vm.guest_netns, ["ip", "route", "add", "default", "via",
+                                    a.ipv4_cidr.replace(".0/24", ".1")])
+        nodes = TwoNodes(a, b, cluster)
+        try:
+            for bed, peer in ((a, b), (b, a)):
+                nft(bed.node_netns, CNI_RULES)
+                _accelerate(bed, peer, nodes.node(bed))
+            yield nodes
+        finally:
+            for bed in (a, b):
+                with multinode.as_node(bed.number):
+                    fastpath.cleanup(bed.node_netns)
+                    assert not fastpath.pin_dir().exists()
+
+
+def _status(bed: Testbed, device: str) -> dict[str, int]:
+    with multinode.as_node(bed.number):
+        return counters(bed.node_netns, device)
+
+
+def _forwarded(netns: str) -> int:
+    """IpForwDatagrams of a node: what its IP stack routed."""
+    lines = [ln.split() for ln in run_in(netns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if ln.startswith("Ip:")]
+    return int(lines[1][lines[0].index("ForwDatagrams")])
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_pod_to_pod_across_the_wire(two: TwoNodes, family: str) -> None:
+    """Sent from a pod's veth straight to the VXLAN device (the sending node routes nothing),
+    taken from the VXLAN device straight into the pod (the receiving node neither)."""
+    src, dst = two.a.pods[0], two.b.pods[1]
+    ip = dst.ipv4 if family == "ipv4" else dst.ipv6
+    vx_a, vx_b = two.node(two.a).vxlan, two.node(two.b).vxlan
+    before = {"src": _status(two.a, src.host_veth), "dst": _status(two.b, dst.host_veth),
+              "vx_a": _status(two.a, vx_a), "vx_b": _status(two.b, vx_b)}
+    fwd = {n: _forwarded(n) for n in (two.a.node_netns, two.b.node_netns)}
+    judged = {n: crossed_forward(n) for n in fwd}
+    assert udp_echo(src.netns, dst.netns, ip, 100) == 100
+    tcp_bulk(src.netns, dst.netns, ip, 4 << 20)
+    after = {"src": _status(two.a, src.host_veth), "dst": _status(two.b, dst.host_veth),
+             "vx_a": _status(two.a, vx_a), "vx_b": _status(two.b, vx_b)}
+    d = {k: {c: after[k][c] - before[k][c] for c in after[k]} for k in after}
+    assert d["src"]["remote_packets"] >= 100 and d["src"]["remote_bytes"] >= 4 << 20, d
+    assert d["dst"]["remote_packets"] >= 90, d  # the answers, back across
+    assert d["vx_b"]["fast_packets"] >= 100, d  # arrivals for pod1 of node b
+    assert d["vx_a"]["fast_packets"] >= 90, d   # the answers arriving on node a
+    for n in fwd:  # each flow's first packets only, both nodes
+        assert _forwarded(n) - fwd[n] <= 12, (n, _forwarded(n) - fwd[n])
+        assert crossed_forward(n) - judged[n] <= 12, n
+
+
+def test_vm_to_remote_pod(two: TwoNodes) -> None:
+    vm, dst = two.a.vms[0], two.b.pods[0]
+    before = _status(two.a, vm.host_veth)
+    assert udp_echo(vm.guest_netns, dst.netns, dst.ipv4, 60) == 60
+    tcp_bulk(vm.guest_netns, dst.netns, dst.ipv4, 2 << 20)
+    after = _status(two.a, vm.host_veth)
+    assert after["remote_packets"] - before["remote_packets"] >= 60
+    assert after["remote_bytes"] - before["remote_bytes"] >= 2 << 20
+
+
+def test_a_drop_rule_on_the_receiving_node_still_drops(two: TwoNodes) -> None:
+    """Node b's rules drop a.pod0 -> b.pod0 UDP to one port: nothing gets through, the flow
+    never takes the fast path on either node, other flows still do."""
+    src, dst = two.a.pods[0], two.b.pods[0]
+    port_rule = "udp dport 9 drop"
+    nft(two.b.node_netns, f"add rule inet cni netpol ip saddr {src.ipv4} ip daddr {dst.ipv4} "
+                          f"{port_rule}\n")
+    try:
+        import socket
+
+        from node_helper.kernel import in_netns
+
+        with in_netns(dst.netns):
+            srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with in_netns(src.netns):
+            cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with srv, cl:
+            srv.bind((dst.ipv4, 9))
+            srv.settimeout(0.3)
+            before = _status(two.a, src.host_veth)
+            for _ in range(20):
+                cl.sendto(b"blocked", (dst.ipv4, 9))
+            with pytest.raises(TimeoutError):
+                srv.recvfrom(100)
+            after = _status(two.a, src.host_veth)
+        assert after["remote_packets"] == before["remote_packets"], (before, after)
+        assert after["ct_misses"] - before["ct_misses"] == 20
+        assert udp_echo(src.netns, dst.netns, dst.ipv4, 10) == 10
+    finally:
+        nft(two.b.node_netns, "flush chain inet cni netpol\n")
+
+
+def test_cleanup_of_one_node_keeps_traffic_flowing(two: TwoNodes) -> None:
+    """Node a's agent takes everything off (as on uninstall) while node b keeps its fast path:
+    traffic both ways still arrives intact, node a's devices carry none of our filters."""
+    src, dst = two.a.pods[1], two.b.pods[1]
+    with multinode.as_node(two.a.number):
+        fastpath.cleanup(two.a.node_netns)
+        assert fastpath.status(two.a.node_netns)["endpoints"] == []
+        assert not fastpath.pin_dir().exists()
+    try:
+        assert udp_echo(src.netns, dst.netns, dst.ipv4, 30) == 30
+        tcp_bulk(dst.netns, src.netns, src.ipv4, 1 << 20)
+    finally:
+        with contextlib.suppress(Exception):
+            _accelerate(two.a, two.b, two.node(two.a))
