@@ -1,47 +1,14 @@
-"""Shared by the node fast path tests: the CNI stand-in's netfilter rules in a node netns, and
-traffic whose every datagram or byte is checked."""
+"""Shared by the node fast path tests: traffic whose every datagram or byte is checked."""
 
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 
-from lab.testbed import run_in
 from node_helper import fastpath
-from node_helper.kernel import in_netns, netns_argv
+from node_helper.kernel import in_netns
 
 from .conftest import next_port
-
-# The CNI stand-in's rules in the node netns: conntrack on (as kube-proxy and most CNIs have
-# it), a counter of what crosses the node's forward hook, and a chain tests add drops to.
-CNI_RULES = """
-table inet cni {
-    chain forward {
-        type filter hook forward priority 0;
-        jump netpol
-        ct state established,related counter name cnt_est accept
-        counter name cnt_other accept
-    }
-    chain netpol {
-    }
-    counter cnt_est {
-    }
-    counter cnt_other {
-    }
-}
-"""
-
-
-def nft(node_netns: str, text: str) -> None:
-    proc = subprocess.run(netns_argv(node_netns, ["nft", "-f", "-"]), input=text,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
-def nft_counter(node_netns: str, name: str) -> int:
-    out = run_in(node_netns, ["nft", "list", "counter", "inet", "cni", name]).stdout
-    return int(out.split("packets")[1].split()[0])
 
 
 def counters(node_netns: str, device: str) -> dict[str, int]:
@@ -103,8 +70,3 @@ def tcp_bulk(src_ns: str, dst_ns: str, dst_ip: str, size: int = 8 << 20) -> None
         cl.sendall(data)
         reader.join(60)
     assert bytes(got) == data
-
-
-def crossed_forward(node_netns: str) -> int:
-    """Packets that crossed the node's forward hook (both counters of CNI_RULES)."""
-    return nft_counter(node_netns, "cnt_est") + nft_counter(node_netns, "cnt_other")

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
+from lab import cni
 from lab.testbed import Testbed, run_in
 from node_helper import fastpath
 from node_helper.kernel import in_netns
 
 from .conftest import next_port
-from .nodepath import CNI_RULES, counters, crossed_forward, nft, tcp_bulk, udp_echo
+from .nodepath import counters, tcp_bulk, udp_echo
 
 pytestmark = pytest.mark.kernel
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.kernel
 def bed() -> Iterator[Testbed]:
     """pod0, pod1 on the fast path; pod2 not; vm0, vm1 (netns guests) on it."""
     with Testbed.create(pods=3, vms=2) as tb:
-        nft(tb.node_netns, CNI_RULES)
+        cni.load(tb.node_netns)
         try:
             for pod in tb.pods[:2]:
                 fastpath.add(tb.node_netns, pod.host_veth, pod.netns)
@@ -45,7 +46,7 @@ def test_pod_to_pod_udp_and_tcp_take_the_fast_path(bed: Testbed, family: str) ->
     p0, p1 = bed.pods[:2]
     dst = p1.ipv4 if family == "ipv4" else p1.ipv6
     c0, c1 = counters(bed.node_netns, p0.host_veth), counters(bed.node_netns, p1.host_veth)
-    seen0 = crossed_forward(bed.node_netns)
+    seen0 = cni.forwarded(bed.node_netns)
     assert udp_echo(p0.netns, p1.netns, dst, 100) == 100
     tcp_bulk(p0.netns, p1.netns, dst)
     d0 = {k: v - c0[k] for k, v in counters(bed.node_netns, p0.host_veth).items()}
@@ -54,7 +55,7 @@ def test_pod_to_pod_udp_and_tcp_take_the_fast_path(bed: Testbed, family: str) ->
     assert d0["fast_bytes"] >= 8 << 20, d0
     # Only each flow's first packets crossed the node (and its netfilter): one UDP flow and
     # one TCP connection, each judged until conntrack saw it both ways.
-    crossed = crossed_forward(bed.node_netns) - seen0
+    crossed = cni.forwarded(bed.node_netns) - seen0
     assert crossed <= 12, crossed
     assert d0["ct_misses"] >= 2 and d1["ct_misses"] >= 1, (d0, d1)
 
@@ -97,7 +98,7 @@ def test_a_netfilter_drop_rule_still_drops(bed: Testbed) -> None:
     an answer and the flow never takes the fast path); other flows still go fast."""
     p0, p1 = bed.pods[:2]
     port = next_port()
-    nft(bed.node_netns, f"add rule inet cni netpol ip saddr {p0.ipv4} ip daddr {p1.ipv4} "
+    cni.nft(bed.node_netns, f"add rule inet cni netpol ip saddr {p0.ipv4} ip daddr {p1.ipv4} "
               f"udp dport {port} drop\n")
     try:
         with in_netns(p1.netns):
@@ -116,7 +117,7 @@ def test_a_netfilter_drop_rule_still_drops(bed: Testbed) -> None:
         assert d["fast_packets"] == 0 and d["ct_misses"] == 20, d
         assert udp_echo(p0.netns, p1.netns, p1.ipv4, 10) == 10  # another port: allowed
     finally:
-        nft(bed.node_netns, "flush chain inet cni netpol\n")
+        cni.nft(bed.node_netns, "flush chain inet cni netpol\n")
 
 
 def test_remove_and_add_under_traffic_keep_it_flowing(bed: Testbed) -> None:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from lab import multinode
+from lab import cni, multinode
 from lab.testbed import Testbed, run_in
 from node_helper import fastpath
 
-from .nodepath import CNI_RULES, counters, crossed_forward, nft, tcp_bulk, udp_echo
+from .nodepath import counters, tcp_bulk, udp_echo
 
 pytestmark = pytest.mark.kernel
 
@@ -54,7 +54,7 @@ def two() -> Iterator[TwoNodes]:
         nodes = TwoNodes(a, b, cluster)
         try:
             for bed, peer in ((a, b), (b, a)):
-                nft(bed.node_netns, CNI_RULES)
+                cni.load(bed.node_netns)
                 _accelerate(bed, peer, nodes.node(bed))
             yield nodes
         finally:
@@ -86,7 +86,7 @@ def test_pod_to_pod_across_the_wire(two: TwoNodes, family: str) -> None:
     before = {"src": _status(two.a, src.host_veth), "dst": _status(two.b, dst.host_veth),
               "vx_a": _status(two.a, vx_a), "vx_b": _status(two.b, vx_b)}
     fwd = {n: _forwarded(n) for n in (two.a.node_netns, two.b.node_netns)}
-    judged = {n: crossed_forward(n) for n in fwd}
+    judged = {n: cni.forwarded(n) for n in fwd}
     assert udp_echo(src.netns, dst.netns, ip, 100) == 100
     tcp_bulk(src.netns, dst.netns, ip, 4 << 20)
     after = {"src": _status(two.a, src.host_veth), "dst": _status(two.b, dst.host_veth),
@@ -98,7 +98,7 @@ def test_pod_to_pod_across_the_wire(two: TwoNodes, family: str) -> None:
     assert d["vx_a"]["fast_packets"] >= 90, d   # the answers arriving on node a
     for n in fwd:  # each flow's first packets only, both nodes
         assert _forwarded(n) - fwd[n] <= 12, (n, _forwarded(n) - fwd[n])
-        assert crossed_forward(n) - judged[n] <= 12, n
+        assert cni.forwarded(n) - judged[n] <= 12, n
 
 
 def test_vm_to_remote_pod(two: TwoNodes) -> None:
@@ -116,7 +116,7 @@ def test_a_drop_rule_on_the_receiving_node_still_drops(two: TwoNodes) -> None:
     never takes the fast path on either node, other flows still do."""
     src, dst = two.a.pods[0], two.b.pods[0]
     port_rule = "udp dport 9 drop"
-    nft(two.b.node_netns, f"add rule inet cni netpol ip saddr {src.ipv4} ip daddr {dst.ipv4} "
+    cni.nft(two.b.node_netns, f"add rule inet cni netpol ip saddr {src.ipv4} ip daddr {dst.ipv4} "
                           f"{port_rule}\n")
     try:
         import socket
@@ -140,7 +140,7 @@ def test_a_drop_rule_on_the_receiving_node_still_drops(two: TwoNodes) -> None:
         assert after["ct_misses"] - before["ct_misses"] == 20
         assert udp_echo(src.netns, dst.netns, dst.ipv4, 10) == 10
     finally:
-        nft(two.b.node_netns, "flush chain inet cni netpol\n")
+        cni.nft(two.b.node_netns, "flush chain inet cni netpol\n")
 
 
 def test_cleanup_of_one_node_keeps_traffic_flowing(two: TwoNodes) -> None:
