@@ -14,14 +14,20 @@
  * that are not accelerated endpoints of this node.
  *
  * POLICY: the node's netfilter (where many CNIs enforce NetworkPolicy) never sees a frame of
- * this path.  So a flow takes it only once the node's conntrack has seen the flow both ways
- * (IPS_SEEN_REPLY): its first packets, and its first answer, cross the node's rules, and a
- * flow the rules drop never gets an answer, so never gets here.  The lookup runs in the
- * node's conntrack table (netns of the device).  Limits, said in docs/fastpath.md: a rule
- * added later does not stop a flow already on the path until its conntrack entry expires
- * (fast-path packets do not refresh it; then the flow is judged again); and a node whose
- * conntrack is not active (no rule uses it) never sees SEEN_REPLY, so nothing takes the path
- * (counted: ct_misses).
+ * this path.  So a flow takes it only once the node's rules have judged it, which the node's
+ * conntrack table (netns of the device) tells: a packet of the flow's ORIGINAL direction
+ * needs the entry CONFIRMED (its first packet passed every netfilter hook of the node; a
+ * packet a rule drops never confirms its entry, which then never enters the table), a packet
+ * of the REPLY direction also needs IPS_SEEN_REPLY (a reply crossed the node before).  So
+ * the first packet of every flow and its first reply take the kernel path and its rules, and
+ * one-way flows (a UDP stream) take the fast path from their second packet.  Limits, said in
+ * docs/fastpath.md: a rule added later does not stop a flow already on the path until its
+ * conntrack entry expires (fast-path packets do not refresh it; then the flow is judged
+ * again); conntrack sets SEEN_REPLY before the filter hooks run, so a rule that drops only
+ * the replies of a flow whose first packet it accepted (stateless, outside NetworkPolicy's
+ * semantics, where replies of an allowed connection are allowed) is enforced for the first
+ * reply only; and a node whose conntrack is not active (no rule uses it) has no entries, so
+ * nothing takes the path (counted: ct_misses).
  *
  * REMOTE (another node): a frame for an address in netaccel_fp_remote (accelerated endpoints
  * of other nodes) is routed as the node would route it: bpf_fib_lookup() in the node's tables
@@ -72,6 +78,8 @@
 #endif
 
 #define IPS_SEEN_REPLY 2  /* uapi nf_conntrack_common.h: 1 << IPS_SEEN_REPLY_BIT */
+#define IPS_CONFIRMED 8   /* 1 << IPS_CONFIRMED_BIT */
+#define CT_DIR_ORIGINAL 0 /* bpf_ct_opts.dir after a lookup: which tuple of the entry matched */
 #define CT_CURRENT_NETNS (-1)  /* BPF_F_CURRENT_NETNS: the conntrack table of skb->dev's netns */
 
 struct nf_conn;
@@ -110,9 +118,10 @@ struct ports {
 	__be16 dest;
 };
 
-/* Has conntrack seen this flow both ways?  1 yes, 0 no (no entry, or no reply yet). */
-static __always_inline int seen_both_ways(struct __sk_buff *skb, struct bpf_sock_tuple *t,
-					  __u32 tuple_size, __u8 l4proto)
+/* POLICY: have the node's rules judged this direction of the flow?  1 yes, 0 no (no entry:
+ * the first packet, or one a rule dropped; or a reply before the first reply crossed). */
+static __always_inline int judged(struct __sk_buff *skb, struct bpf_sock_tuple *t,
+				  __u32 tuple_size, __u8 l4proto)
 {
 	struct bpf_ct_opts opts = {.netns_id = CT_CURRENT_NETNS, .l4proto = l4proto};
 	struct nf_conn *ct;
@@ -123,7 +132,9 @@ static __always_inline int seen_both_ways(struct __sk_buff *skb, struct bpf_sock
 		return 0;
 	status = *(unsigned long *)((char *)ct + NA_OFF_NF_CONN_STATUS);
 	ct_release(ct);
-	return (status & IPS_SEEN_REPLY) != 0;
+	if (!(status & IPS_CONFIRMED))
+		return 0;
+	return opts.dir == CT_DIR_ORIGINAL || (status & IPS_SEEN_REPLY);
 }
 
 static __always_inline int same_mac(const unsigned char *a, const __u8 *b)
@@ -289,13 +300,13 @@ int NA_PROG_FP(struct __sk_buff *skb)
 		cnt->passed_packets++;
 		return TC_ACT_OK;
 	}
-	/* POLICY: only flows the node's conntrack has seen both ways. */
-	if (!seen_both_ways(skb, &t, tuple_size, l4proto)) {
+	/* POLICY: only flows (directions) the node's rules have judged. */
+	if (!judged(skb, &t, tuple_size, l4proto)) {
 		cnt->ct_misses++;
 		cnt->passed_packets++;
 		return TC_ACT_OK;
 	}
-	/* seen_both_ways() called a kfunc: packet pointers must be checked again. */
+	/* judged() called a kfunc: packet pointers must be checked again. */
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	eth = data;

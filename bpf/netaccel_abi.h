@@ -230,7 +230,8 @@ struct fp_counters {
 	__u64 fast_packets;    /* went straight to the destination endpoint */
 	__u64 fast_bytes;
 	__u64 passed_packets;  /* for an accelerated destination, left to the kernel path */
-	__u64 ct_misses;       /* ... because the node's conntrack has not seen them both ways */
+	__u64 ct_misses;       /* ... because the node's rules have not judged that flow direction
+	                        * yet (conntrack: no confirmed entry, or no reply seen) */
 	__u64 remote_packets;  /* to an endpoint on another node, handed to the routed device */
 	__u64 remote_bytes;
 };

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,12 +50,12 @@ class Row:
     floor: float | None
     ratio: float
     variant: str | None = None
+    scenario: str | None = None  # bench node-path: which endpoints (vm-vm, pod-pod-remote, ...)
+    spread: dict[str, list[float]] | None = None  # per variant: [min, max] over the rounds
 
     def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        if self.variant is None:
-            del data["variant"]
-        return data
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("variant", "scenario", "spread")}
 
 
 # --- measuring -------------------------------------------------------------
@@ -198,14 +198,22 @@ def alternate(variants: Sequence[str], index: int) -> list[str]:
     return list(variants) if index % 2 == 0 else list(reversed(variants))
 
 
-def measure_point(variants: Sequence[str], apply: Callable[[str], None],
-                  measure: Callable[[str], float], index: int, rounds: int) -> dict[str, float]:
-    """Measure every variant `rounds` times, alternating (ABBA); return each one's median."""
+def measure_samples(variants: Sequence[str], apply: Callable[[str], None],
+                    measure: Callable[[str], float], index: int,
+                    rounds: int) -> dict[str, list[float]]:
+    """Measure every variant `rounds` times, alternating (ABBA); every sample of each."""
     samples: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds):
         for variant in alternate(variants, index + r):
             apply(variant)
             samples[variant].append(measure(variant))
+    return samples
+
+
+def measure_point(variants: Sequence[str], apply: Callable[[str], None],
+                  measure: Callable[[str], float], index: int, rounds: int) -> dict[str, float]:
+    """measure_samples, each variant's median."""
+    samples = measure_samples(variants, apply, measure, index, rounds)
     return {v: statistics.median(values) for v, values in samples.items()}
 
 
@@ -385,6 +393,91 @@ def bench_vm(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
     return rows
 
 
+NODE_PATH_SCENARIOS = ("vm-vm", "vm-pod", "pod-pod", "pod-pod-remote")
+NODE_PATH_VARIANTS = ("kernel", "fastpath")
+
+
+def bench_node_path(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
+                    tests: Sequence[str] = ("udp_lat", "udp_bw"), rounds: int = 3,
+                    scenarios: Sequence[str] = NODE_PATH_SCENARIOS, cpu_idle: str = "auto",
+                    progress: ProgressFn = stderr_progress) -> list[Row]:
+    """qperf between endpoints of a two-node testbed: the node's kernel path vs the node fast
+    path (docs/fastpath.md), alternating in one run.
+
+    Node a: pods 0 and 1, VMs 0 and 1 (netns guests, the VM datapath "bpf" on in both
+    variants, as netaccel does today); node b: pod 0; joined by lab/multinode (VXLAN). Both
+    nodes carry the CNI stand-in's rules (lab/cni: conntrack on) in both variants. Scenarios:
+    vm-vm (a.vm0 -> a.vm1), vm-pod (a.vm0 -> a.pod0), pod-pod (a.pod1 -> a.pod0),
+    pod-pod-remote (a.pod1 -> b.pod0). Each node runs its own agent instance
+    (multinode.as_node). Every figure is the median of `rounds`, with the spread."""
+    from lab import cni, multinode
+    from lab.testbed import is_tap
+    from node_helper import fastpath
+    from node_helper import vm as vm_api
+
+    points = [(sc, t, s) for sc in scenarios for s in sizes for t in tests]
+    rows: list[Row] = []
+    with Testbed.create(pods=2, vms=2) as a, Testbed.create(pods=1) as b, \
+            multinode.joined(a, b) as cluster:
+        ends = {"vm-vm": (a.vms[0].guest_netns, a.vms[1].guest_netns, a.vms[1].ipv4),
+                "vm-pod": (a.vms[0].guest_netns, a.pods[0].netns, a.pods[0].ipv4),
+                "pod-pod": (a.pods[1].netns, a.pods[0].netns, a.pods[0].ipv4),
+                "pod-pod-remote": (a.pods[1].netns, b.pods[0].netns, b.pods[0].ipv4)}
+        for bed in (a, b):
+            cni.load(bed.node_netns)
+        for vm in a.vms:
+            vm_api.accelerate(vm.launcher_netns, datapath="bpf", is_tap=is_tap)
+
+        def endpoints(bed: Testbed, peer: Testbed, on: bool) -> None:
+            with multinode.as_node(bed.number):
+                if not on:
+                    fastpath.cleanup(bed.node_netns, keep_pins=True)
+                    return
+                for pod in bed.pods:
+                    fastpath.add(bed.node_netns, pod.host_veth, pod.netns)
+                for vm in bed.vms:
+                    guest = fastpath.read_facts(vm.guest_netns)
+                    fastpath.add(bed.node_netns, vm.host_veth, vm.launcher_netns, vm=True,
+                                 mac=guest.mac, addresses=list(guest.addresses))
+                fastpath.add_uplink(bed.node_netns, cluster.node(bed.number).vxlan)
+                fastpath.set_remote([f"{p.ipv4}/32" for p in peer.pods] +
+                                    [f"{vm.ipv4}/32" for vm in peer.vms])
+
+        def apply(variant: str) -> None:
+            for bed, peer in ((a, b), (b, a)):
+                endpoints(bed, peer, variant == "fastpath")
+
+        servers = ExitStack()
+        try:
+            for netns in {e[1] for e in ends.values()}:
+                servers.enter_context(qperf_server(netns))
+            for n, (scenario, test, size) in enumerate(points, 1):
+                client, _server, ip = ends[scenario]
+
+                def measure(_variant: str, test: str = test, size: int = size,
+                            client: str = client, ip: str = ip) -> float:
+                    return run_qperf(client, ip, test, size, seconds)
+
+                with cpus_kept_awake(keep_awake_for(test, cpu_idle)):
+                    samples = measure_samples(NODE_PATH_VARIANTS, apply, measure, n, rounds)
+                fig = {v: statistics.median(x) for v, x in samples.items()}
+                rows.append(Row(test, size, UNITS[test], fig["kernel"], fig["fastpath"], None,
+                                fig["fastpath"] / fig["kernel"], scenario=scenario,
+                                spread={v: [min(x), max(x)] for v, x in samples.items()}))
+                progress(f"[{n}/{len(points)}] {scenario:14s} {test:7s} "
+                         f"{human_size(size):>6s}  kernel {fig['kernel']:9.2f}  fast path "
+                         f"{fig['fastpath']:9.2f} {UNITS[test]}  ratio {rows[-1].ratio:.2f}x")
+        finally:
+            servers.close()
+            for bed in (a, b):
+                with multinode.as_node(bed.number):
+                    fastpath.cleanup(bed.node_netns)
+                    fastpath.unpin_all()
+            for vm in a.vms:
+                vm_api.restore(vm.launcher_netns, is_tap=is_tap)
+    return rows
+
+
 # --- reporting -------------------------------------------------------------
 
 def human_size(size: int) -> str:
@@ -395,12 +488,15 @@ def format_table(rows: Sequence[Row]) -> str:
     """A plain-text table; one line per point, ratios and distance to the floor."""
     has_floor = any(r.floor is not None for r in rows)
     has_variant = any(r.variant for r in rows)
-    head = ["test", "size"] + (["variant"] if has_variant else []) + [
+    has_scenario = any(r.scenario for r in rows)
+    head = (["scenario"] if has_scenario else []) + ["test", "size"] + (
+        ["variant"] if has_variant else []) + [
         "unit", "baseline", "accelerated"] + (["floor"] if has_floor else []) + ["ratio"] + (
         ["vs floor"] if has_floor else [])
     lines = [head]
     for r in rows:
-        line = [r.test, human_size(r.msg_size)] + ([r.variant or ""] if has_variant else []) + [
+        line = ([r.scenario or ""] if has_scenario else []) + [r.test, human_size(r.msg_size)] + (
+            [r.variant or ""] if has_variant else []) + [
             r.unit, f"{r.baseline:.2f}", f"{r.accelerated:.2f}"]
         if has_floor:
             line.append(f"{r.floor:.2f}" if r.floor is not None else "")
@@ -410,7 +506,7 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append(line)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join(
-        "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in
+        "  ".join(cell.rjust(w) if i > 1 + has_scenario else cell.ljust(w) for i, (cell, w) in
                   enumerate(zip(row, widths, strict=True)))
         for row in lines
     )
@@ -434,14 +530,14 @@ def plot(rows: Sequence[Row], path: Path, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tests = list(dict.fromkeys(r.test for r in rows))
+    tests = list(dict.fromkeys((r.scenario + " " if r.scenario else "") + r.test for r in rows))
     ncols = min(2, len(tests))
     nrows = -(-len(tests) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
     for ax in axes.flat[len(tests):]:
         ax.set_visible(False)
     for ax, test in zip(axes.flat, tests, strict=False):
-        sel = [r for r in rows if r.test == test]
+        sel = [r for r in rows if (r.scenario + " " if r.scenario else "") + r.test == test]
         sizes = sorted({r.msg_size for r in sel})
         first = {r.msg_size: r for r in sel}
         ax.plot(sizes, [first[s].baseline for s in sizes], "o-", label=baseline_label)
@@ -455,7 +551,7 @@ def plot(rows: Sequence[Row], path: Path, title: str,
         if test.endswith("_bw"):
             ax.set_yscale("log")
         ax.set_xlabel("message size (bytes)")
-        ax.set_ylabel(UNITS[test])
+        ax.set_ylabel(sel[0].unit)
         ax.set_title(test)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

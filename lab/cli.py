@@ -6,6 +6,7 @@
                                                  two testbeds as a two-node cluster (VXLAN)
     netaccel-lab bypass on|off [--number K]      the agent's socket bypass for a testbed's pods
     netaccel-lab bench pods|vm|mesh [--quick] [--rounds R] [--policy always|default (pods, mesh)]
+    netaccel-lab bench node-path [--quick] [--tcp] [--rounds R]   node kernel path vs node fast path
                                     [--json FILE] [--plot FILE.png]
     netaccel-lab bench node [--quick] [--pods N] [--vms M] [--json FILE]   the agent at scale
 
@@ -148,6 +149,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = bench.QUICK_SIZES if args.quick else bench.FULL_SIZES
     seconds = args.seconds or (2.0 if args.quick else 3.0)
     meta = bench.machine_meta() | {"bench": args.target, "seconds_per_point": seconds}
+    if args.rounds is None:
+        args.rounds = 3 if args.target == "node-path" else 1
     meta["rounds"] = args.rounds
     run, title, labels = {
         "pods": (bench.bench_pods, "same-node pods: kernel TCP path vs socket bypass (qperf)",
@@ -157,6 +160,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "mesh": (bench.bench_mesh, "meshed pods, app -> sidecar -> sidecar -> app (qperf)",
                  ("mesh, kernel path (baseline)", "mesh + socket bypass",
                   "same pods, no mesh (floor)")),
+        "node-path": (bench.bench_node_path, "two-node testbed: node kernel path vs node fast "
+                      "path (qperf)", ("node kernel path (baseline)", "node fast path")),
     }[args.target]
     if args.target == "mesh":
         meta["mesh"] = mesh.describe()
@@ -171,6 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         extra["policy"] = args.policy
     elif args.policy != "default":
         raise ValueError("--policy is the socket bypass's: it applies to `bench pods|mesh` only")
+    if args.target == "node-path" and args.tcp:
+        extra["tests"] = ("udp_lat", "udp_bw", "tcp_lat", "tcp_bw")
     rows = run(sizes, seconds, rounds=args.rounds, cpu_idle=args.cpu_idle, **extra)
     print(bench.format_table(rows))
     if args.json:
@@ -208,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_testbed)
     p = sub.add_parser("bench", help="qperf benchmarks on the testbed, side by side; node: "
                        "the agent programming many pods and VMs from a real API server")
-    p.add_argument("target", choices=["pods", "vm", "mesh", "node"])
+    p.add_argument("target", choices=["pods", "vm", "mesh", "node", "node-path"])
     p.add_argument("--quick", action="store_true", help="64 B, 1 KiB, 16 KiB at 2 s a point "
                    f"(node: {bench.QUICK_NODE_PODS} pods, {bench.QUICK_NODE_VMS} VMs)")
     p.add_argument("--pods", type=_positive_int,
@@ -217,11 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"node: VMs (default {bench.NODE_VMS}, at most {testbed.MAX_VMS})")
     p.add_argument("--agent-log", metavar="FILE", help="node: keep the agent's log here")
     p.add_argument("--seconds", type=float, help="seconds per point (default 3, quick 2)")
-    p.add_argument("--rounds", type=_positive_int, default=1,
-                   help="alternating rounds per point; figures are their median (default 1)")
+    p.add_argument("--rounds", type=_positive_int, default=None,
+                   help="alternating rounds per point; figures are their median (default 1; "
+                   "node-path 3)")
     p.add_argument("--policy", choices=["default", "always"], default="default",
                    help="pods, mesh: the bypass's demotion policy: default (one-way small-message "
                    "streams move to the kernel path) or always (never demote)")
+    p.add_argument("--tcp", action="store_true", help="node-path: TCP tests too (default UDP)")
     p.add_argument("--cpu-idle", choices=bench.CPU_IDLE_POLICIES, default="auto",
                    help="hold a 0 us cpu_dma_latency PM QoS request: for latency tests only "
                    "(auto), always (awake) or never (idle); see bench.cpus_kept_awake")

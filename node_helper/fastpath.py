@@ -345,10 +345,11 @@ def _endpoint_entries(eps_fd: int) -> dict[bytes, int]:
     return out
 
 
-def remove(node_netns: str | None, host_veth: str) -> dict[str, Any]:
+def remove(node_netns: str | None, host_veth: str, keep_pins: bool = False) -> dict[str, Any]:
     """Take the endpoint off: its filter first (its frames take the CNI's path from the next
     one), then its addresses (frames to it do too), its counters, the qdisc if we made it;
-    unpin everything when it was the last. Quiet when it was not on."""
+    unpin everything when it was the last (unless `keep_pins`: the next add then compiles
+    nothing). Quiet when it was not on."""
     done = {"device": host_veth, "removed_filter": False, "removed_qdisc": False,
             "removed_addresses": []}
     with kernel.locked("fastpath"), _netns(node_netns) as ns:
@@ -364,11 +365,11 @@ def remove(node_netns: str | None, host_veth: str) -> dict[str, Any]:
                 if created and not foreign and tc.ingress_qdisc_kind(ns, index) is not None:
                     ns.tc("del", index=index, handle=0xFFFF0000, parent=0xFFFFFFF1)
                     done["removed_qdisc"] = True
-        _forget(index, done)
+        _forget(index, done, keep_pins)
     return done
 
 
-def _forget(index: int | None, done: dict[str, Any]) -> None:
+def _forget(index: int | None, done: dict[str, Any], keep_pins: bool) -> None:
     with _map(ENDPOINTS) as eps, _map(COUNTERS) as cnt:
         if eps is not None and index is not None:
             for key, ifx in _endpoint_entries(eps).items():
@@ -379,7 +380,7 @@ def _forget(index: int | None, done: dict[str, Any]) -> None:
             bpf_syscall.map_delete(cnt, _dev_key(index))
         left = cnt is not None and any(True for _ in bpf_syscall.map_keys(
             cnt, bpf_abi.layout("fp_dev_key").size))
-    if not left:
+    if not left and not keep_pins:
         unpin_all()
 
 
@@ -505,6 +506,7 @@ def status(node_netns: str | None = None) -> dict[str, Any]:
     return out
 
 
-def cleanup(node_netns: str | None = None) -> list[dict[str, Any]]:
+def cleanup(node_netns: str | None = None, keep_pins: bool = False) -> list[dict[str, Any]]:
     """Take every endpoint of `node_netns` off the fast path; unpin when none is left."""
-    return [remove(node_netns, e["device"]) for e in status(node_netns)["endpoints"]]
+    return [remove(node_netns, e["device"], keep_pins)
+            for e in status(node_netns)["endpoints"]]

@@ -54,10 +54,33 @@ def test_pod_to_pod_udp_and_tcp_take_the_fast_path(bed: Testbed, family: str) ->
     assert d0["fast_packets"] >= 100 and d1["fast_packets"] >= 100, (d0, d1)
     assert d0["fast_bytes"] >= 8 << 20, d0
     # Only each flow's first packets crossed the node (and its netfilter): one UDP flow and
-    # one TCP connection, each judged until conntrack saw it both ways.
+    # one TCP connection, each direction judged once by the node's rules.
     crossed = cni.forwarded(bed.node_netns) - seen0
     assert crossed <= 12, crossed
     assert d0["ct_misses"] >= 2 and d1["ct_misses"] >= 1, (d0, d1)
+
+
+def test_a_one_way_udp_stream_goes_fast_from_its_second_datagram(bed: Testbed) -> None:
+    """No answers at all (a UDP stream): its first datagram is judged by the node's rules,
+    the rest go straight to the pod, every one of them arrives."""
+    p0, p1 = bed.pods[:2]
+    port = next_port()
+    with in_netns(p1.netns):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with in_netns(p0.netns):
+        cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with srv, cl:
+        srv.bind((p1.ipv4, port))
+        srv.settimeout(2)
+        c0 = counters(bed.node_netns, p0.host_veth)
+        for i in range(200):
+            cl.sendto(i.to_bytes(4, "big"), (p1.ipv4, port))
+            if i % 50 == 49:
+                time.sleep(0.01)  # no more than the receive buffer holds
+        got = sorted(int.from_bytes(srv.recv(16), "big") for _ in range(200))
+    d = {k: v - c0[k] for k, v in counters(bed.node_netns, p0.host_veth).items()}
+    assert got == list(range(200))
+    assert d["ct_misses"] == 1 and d["fast_packets"] == 199, d
 
 
 def test_vm_to_pod_and_vm_to_vm(bed: Testbed) -> None:

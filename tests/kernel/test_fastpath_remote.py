@@ -5,6 +5,7 @@ its own agent instance (multinode.as_node), as in a cluster."""
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import pytest
 from lab import cni, multinode
 from lab.testbed import Testbed, run_in
 from node_helper import fastpath
+from node_helper.kernel import in_netns
 
 from .nodepath import counters, tcp_bulk, udp_echo
 
@@ -112,17 +114,14 @@ def test_vm_to_remote_pod(two: TwoNodes) -> None:
 
 
 def test_a_drop_rule_on_the_receiving_node_still_drops(two: TwoNodes) -> None:
-    """Node b's rules drop a.pod0 -> b.pod0 UDP to one port: nothing gets through, the flow
-    never takes the fast path on either node, other flows still do."""
+    """Node b's rules drop a.pod0 -> b.pod0 UDP to one port: node a's rules accept the flow, so
+    it leaves node a on the fast path, but node b judges every datagram on its kernel path
+    (none is ever confirmed there) and drops it; other flows still go fast."""
     src, dst = two.a.pods[0], two.b.pods[0]
-    port_rule = "udp dport 9 drop"
-    cni.nft(two.b.node_netns, f"add rule inet cni netpol ip saddr {src.ipv4} ip daddr {dst.ipv4} "
-                          f"{port_rule}\n")
+    vx_b = two.node(two.b).vxlan
+    cni.nft(two.b.node_netns, f"add rule inet cni netpol ip saddr {src.ipv4} "
+                              f"ip daddr {dst.ipv4} udp dport 9 drop\n")
     try:
-        import socket
-
-        from node_helper.kernel import in_netns
-
         with in_netns(dst.netns):
             srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with in_netns(src.netns):
@@ -130,14 +129,15 @@ def test_a_drop_rule_on_the_receiving_node_still_drops(two: TwoNodes) -> None:
         with srv, cl:
             srv.bind((dst.ipv4, 9))
             srv.settimeout(0.3)
-            before = _status(two.a, src.host_veth)
+            before_a, before_b = _status(two.a, src.host_veth), _status(two.b, vx_b)
             for _ in range(20):
                 cl.sendto(b"blocked", (dst.ipv4, 9))
             with pytest.raises(TimeoutError):
                 srv.recvfrom(100)
-            after = _status(two.a, src.host_veth)
-        assert after["remote_packets"] == before["remote_packets"], (before, after)
-        assert after["ct_misses"] - before["ct_misses"] == 20
+            after_a, after_b = _status(two.a, src.host_veth), _status(two.b, vx_b)
+        assert after_a["remote_packets"] - before_a["remote_packets"] == 19  # a accepted it
+        assert after_b["fast_packets"] == before_b["fast_packets"], (before_b, after_b)
+        assert after_b["ct_misses"] - before_b["ct_misses"] == 20  # each judged there, dropped
         assert udp_echo(src.netns, dst.netns, dst.ipv4, 10) == 10
     finally:
         cni.nft(two.b.node_netns, "flush chain inet cni netpol\n")
