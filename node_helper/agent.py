@@ -81,7 +81,8 @@ class Agent:
                  datapaths: Datapaths | None = None,
                  metrics_bind: tuple[str, int] | None = ("127.0.0.1", 9464),
                  per_vm_metrics: bool = False, resync_interval: float = RESYNC_INTERVAL,
-                 report_file: Path | None = None, is_tap: Callable[..., bool] | None = None):
+                 report_file: Path | None = None, is_tap: Callable[..., bool] | None = None,
+                 node_fastpath: bool = False):
         if not sources:
             raise ValueError("the agent needs at least one source of desired state")
         names = [s.name for s in sources]
@@ -92,7 +93,8 @@ class Agent:
         self.report_file = report_file or state_file()
         self.metrics = AgentMetrics(KernelCollector(self._applied_vms, per_vm_metrics, is_tap))
         self.reconciler = Reconciler(datapaths or KernelDatapaths(is_tap), resolve,
-                                     on_error=lambda op: self.metrics.errors.labels(op).inc())
+                                     on_error=lambda op: self.metrics.errors.labels(op).inc(),
+                                     fastpath=node_fastpath)
         self.metrics_bind = metrics_bind
         self.http: HttpServer | None = None
         self._lock = threading.Lock()

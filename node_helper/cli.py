@@ -238,7 +238,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                          "--kubernetes")
     bind = None if args.metrics_bind in ("", "off") else metrics.parse_bind(args.metrics_bind)
     daemon = agent.Agent(sources, resolve=resolve, metrics_bind=bind,
-                         per_vm_metrics=args.per_vm_metrics, resync_interval=args.resync)
+                         per_vm_metrics=args.per_vm_metrics, resync_interval=args.resync,
+                         node_fastpath=args.node_fastpath)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "free port, logged; off: none)")
     p.add_argument("--per-vm-metrics", action="store_true",
                    help="run: VM datapath counters per VM (labels namespace, pod)")
+    p.add_argument("--node-fastpath", action="store_true",
+                   help="run: also put every opted-in pod and VM on the node fast path "
+                   "(docs/fastpath.md: what the node's netfilter then sees)")
     p.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
                    help="run: apply everything again this often (idempotent; repairs drift)")
     p.add_argument("--json", action="store_true")

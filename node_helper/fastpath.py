@@ -105,6 +105,20 @@ def _digest(cflags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def program_pinned() -> bool:
+    """Is the current program pinned (an add then compiles nothing)?"""
+    try:
+        return (pin_dir() / f"{PROG_PREFIX}{_digest(_cflags())}").exists()
+    except KernelFeatureError:
+        return False
+
+
+def compile_program() -> None:
+    """Compile, load and pin the program (for a short-lived child process: bcc is big)."""
+    with kernel.locked("fastpath"):
+        _program()
+
+
 def mark_kfunc_calls(insns: bytes, ids: set[int]) -> tuple[bytes, int]:
     """Mark `call <id>` instructions whose id is a kfunc's BTF id as kfunc calls
     (src_reg = BPF_PSEUDO_KFUNC_CALL, imm = BTF id, off = 0: vmlinux), the encoding libbpf
@@ -218,6 +232,33 @@ def read_facts(netns: str, ifname: str = "eth0", node_netns: str | None = None) 
             raise FastPathError(f"{ifname} in netns {netns} has no global address")
         mac = link.get_attr("IFLA_ADDRESS")
     return Facts(addrs, mac, gateway_mac(netns, node_netns))
+
+
+def node_side(netns: str, ifname: str, node_netns: str | None = None) -> str:
+    """The node-side end (its name in `node_netns`) of the veth `ifname` in `netns`."""
+    with _netns(netns) as ns:
+        link = _link(ns, ifname, f"netns {netns}")
+        peer_index = link.get_attr("IFLA_LINK")
+        if link.get_attr("IFLA_LINK_NETNSID") is None or not peer_index:
+            raise FastPathError(f"{ifname} in netns {netns} is not a veth into another netns")
+    with _netns(node_netns) as node:
+        for peer in node.get_links(peer_index):
+            if peer.get_attr("IFLA_LINK") == link["index"]:
+                return peer.get_attr("IFLA_IFNAME")
+    raise FastPathError(f"the peer of {ifname} in netns {netns} is not in the node's netns")
+
+
+def guest_mac(launcher_netns: str, tap: str) -> str:
+    """A VM's MAC from its launcher's netns: the address the in-pod bridge learned on the
+    tap's port (the guest's frames come from there). FastPathError until the guest sent one."""
+    with _netns(launcher_netns) as ns:
+        index = _link(ns, tap, f"netns {launcher_netns}")["index"]
+        for entry in ns.fdb("dump"):
+            permanent = entry["state"] & 0x80  # NUD_PERMANENT: the bridge's own addresses
+            if entry["ifindex"] == index and not permanent and entry.get_attr("NDA_LLADDR"):
+                return entry.get_attr("NDA_LLADDR")
+    raise FastPathError(f"no MAC learned on {tap} in {launcher_netns} yet: the VM has sent "
+                        "nothing (it is retried)")
 
 
 def gateway_mac(netns: str, node_netns: str | None = None) -> str | None:

@@ -14,6 +14,11 @@ Metrics (read from the kernel at scrape time, so they are right after an agent r
     netaccel_vm_datapath_bytes_total{direction}    (and bridge_passed), summed over the VMs;
                                                    with per_vm, one series per VM (labels
                                                    namespace, pod) instead
+    netaccel_fastpath_endpoints                    devices on the node fast path
+    netaccel_fastpath_packets_total{result}        what their frames did, summed: fast, remote
+                                                   (to another node), passed (kernel path),
+                                                   ct_miss (of those: not judged yet)
+    netaccel_fastpath_bytes_total{result}          fast, remote
     netaccel_endpoints{kind}                       desired: endpoints, bypass, vm, invalid
     netaccel_desired_state_events_total{source}    snapshots published by each source
     netaccel_reconcile_errors_total{op}            failed operations (bypass, vm_accelerate,
@@ -60,6 +65,33 @@ class KernelCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self._bypass()
         yield from self._vm()
+        yield from self._fastpath()
+
+    def _fastpath(self) -> Iterator[Metric]:
+        from node_helper import fastpath
+
+        try:
+            eps = fastpath.status(None)["endpoints"]
+        except Exception as exc:  # noqa: BLE001 - a scrape never fails on it
+            log.warning("fast path status failed", extra={"fields": {"error": str(exc)}})
+            return
+        total: dict[str, int] = {}
+        for e in eps:
+            for name, value in e["counters"].items():
+                total[name] = total.get(name, 0) + value
+        packets = CounterMetricFamily("netaccel_fastpath_packets", "frames of the endpoints "
+                                      "on the node fast path, by result", labels=["result"])
+        nbytes = CounterMetricFamily("netaccel_fastpath_bytes", "bytes of the endpoints on "
+                                     "the node fast path, by result", labels=["result"])
+        for result, name in (("fast", "fast_packets"), ("remote", "remote_packets"),
+                             ("passed", "passed_packets"), ("ct_miss", "ct_misses")):
+            packets.add_metric([result], total.get(name, 0))
+        for result, name in (("fast", "fast_bytes"), ("remote", "remote_bytes")):
+            nbytes.add_metric([result], total.get(name, 0))
+        yield GaugeMetricFamily("netaccel_fastpath_endpoints", "devices on the node fast path",
+                                value=len(eps))
+        yield packets
+        yield nbytes
 
     def _bypass(self) -> Iterator[Metric]:
         from node_helper import sockets
@@ -135,7 +167,7 @@ class AgentMetrics:
                               ["source"], registry=self.registry)
         self.errors = Counter("netaccel_reconcile_errors", "failed reconcile operations",
                               ["op"], registry=self.registry)
-        for op in ("bypass", "vm_accelerate", "vm_restore"):
+        for op in ("bypass", "vm_accelerate", "vm_restore", "fastpath_add", "fastpath_remove"):
             self.errors.labels(op)  # present (at 0) before the first error
         self.splice_resets = Counter("netaccel_splice_resets", "connections the splice "
                                      "guard reset (a reader spliced bytes it could not see)",

@@ -35,7 +35,7 @@ def read_report() -> dict[str, Any] | None:
 
 
 def status() -> dict[str, Any]:
-    from node_helper import sockets, vm
+    from node_helper import fastpath, sockets, vm
 
     report = read_report() or {}
     by_id: dict[tuple[int, int], tuple[str, dict[str, Any]]] = {}
@@ -60,6 +60,7 @@ def status() -> dict[str, Any]:
     return {
         "instance": kernel.instance(),
         "bypass": bypass,
+        "fastpath": fastpath.status(None),
         "bypass_pods": (report.get("bypass") or {}).get("pods", []),
         "vms": vms,
         "agent": {k: report.get(k) for k in ("pid", "agent_running", "started", "updated",
@@ -71,7 +72,7 @@ def status() -> dict[str, Any]:
 
 def cleanup() -> dict[str, Any]:
     """Remove everything of this instance from the node; return what was done."""
-    from node_helper import sockets, vm
+    from node_helper import fastpath, sockets, vm
     from node_helper.agent import state_file
     from node_helper.vm import bpf
 
@@ -79,6 +80,8 @@ def cleanup() -> dict[str, Any]:
                             "pins_removed": []}
     done["bypass_was_enabled"] = bool(sockets.status()["enabled"])
     sockets.disable()
+    done["fastpath_removed"] = [d["device"] for d in fastpath.cleanup(None)]
+    fastpath.unpin_all()
     for found in inventory.vm_installed():
         try:
             vm.restore(found.netns)  # any shape: our filters go from every device

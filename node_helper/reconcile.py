@@ -18,6 +18,12 @@ that is restored; if its netns is gone (the pod was deleted, its filters went wi
 its path now names another namespace (a reused /proc/<pid>), only the bpf datapath's map
 entries of its cookie are dropped. A changed netns or interface restores the old one first.
 
+Node fast path (with `fastpath=True`, agent flag --node-fastpath): every valid endpoint that
+opted in (bypass pod or VM) gets node_helper.fastpath on its node-side veth, found from its
+netns (a VM: its MAC as its launcher's bridge learned it, its addresses the pod's); what was
+applied is remembered per UID (the device); an endpoint that goes or opts out is taken off.
+After the first complete pass, `sweep` takes off devices no endpoint claims.
+
 Failures: each endpoint (and the bypass) fails alone and is retried with exponential backoff
 (1 s doubling to BACKOFF_CAP); the others proceed. Endpoints with an `error` are reported
 and left as they are. Every operation is idempotent, so a resync (every endpoint applied
@@ -77,6 +83,12 @@ class Datapaths(Protocol):
     def vm_restore(self, netns: str, interface: str) -> None: ...
     def vm_forget(self, cookie: int) -> None: ...
     def vm_installed(self) -> list[tuple[str, NetnsId]]: ...
+    def fastpath_add(self, netns: str, ep: Endpoint) -> str: ...
+    def fastpath_remove(self, device: str) -> None: ...
+    def fastpath_installed(self) -> list[str]: ...
+
+
+FASTPATH = "fastpath:"  # failure key prefix of an endpoint's fast path (its UID follows)
 
 
 @dataclass(frozen=True)
@@ -115,13 +127,16 @@ class Reconciler:
     def __init__(self, datapaths: Datapaths, resolve: Resolver = netns_from_endpoint,
                  clock: Callable[[], float] = time.monotonic,
                  on_error: Callable[[str], None] = lambda op: None,
-                 backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP):
+                 backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP,
+                 fastpath: bool = False):
         self.dp = datapaths
         self.resolve = resolve
         self.clock = clock
         self.on_error = on_error
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.vms: dict[str, AppliedVm] = {}
+        self.fastpath = fastpath
+        self.fastpaths: dict[str, tuple[str, str]] = {}  # uid -> (ident, node-side device)
         self.failures: dict[str, Failure] = {}
         self.invalid: dict[str, Endpoint] = {}
         self.bypass_attached, self.bypass_set = False, set[str]()
@@ -178,9 +193,11 @@ class Reconciler:
         self._bypass(desired, invalid, resync, result)
         self._opt_out(desired, invalid, result)
         self._vm(desired, invalid, resync, result)
+        self._fastpath(desired, invalid, resync, result)
         # forget failures of endpoints nobody wants any more
-        for key in [k for k in self.failures if k != BYPASS_KEY and k not in desired
-                    and k not in self.vms]:
+        for key in [k for k in self.failures if k != BYPASS_KEY
+                    and k.removeprefix(FASTPATH) not in desired and k not in self.vms
+                    and k.removeprefix(FASTPATH) not in self.fastpaths]:
             del self.failures[key]
         result.duration = self.clock() - start
         self.passes += 1  # after the pass: /readyz means "a pass has completed"
@@ -270,6 +287,40 @@ class Reconciler:
         else:
             self.failures.pop(uid, None)
 
+    def _fastpath(self, desired: DesiredState, invalid: DesiredState, resync: bool,
+                  result: PassResult) -> None:
+        wanted = {uid: ep for uid, ep in desired.items()
+                  if self.fastpath and (ep.bypass or ep.vm) and uid not in invalid}
+        for uid, (ident, device) in list(self.fastpaths.items()):
+            key = FASTPATH + uid
+            if uid in invalid or uid in wanted or not self._due(key):
+                continue
+            try:
+                self.dp.fastpath_remove(device)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(key, "fastpath_remove", ident, exc, result)
+                continue
+            del self.fastpaths[uid]
+            self._ok(key, {"event": "fastpath_removed", "uid": uid, "ident": ident,
+                           "device": device}, result)
+        for uid, ep in wanted.items():
+            key = FASTPATH + uid
+            if (uid in self.fastpaths and not resync and key not in self.failures) or \
+                    not self._due(key):
+                continue
+            try:
+                device = self.dp.fastpath_add(self.resolve(ep), ep)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(key, "fastpath_add", ep.ident, exc, result)
+                continue
+            old = self.fastpaths.get(uid)
+            if old is not None and old[1] != device:  # another device now: off the old one
+                self.dp.fastpath_remove(old[1])
+            self.fastpaths[uid] = (ep.ident, device)
+            if old != (ep.ident, device) or key in self.failures:
+                self._ok(key, {"event": "fastpath_added", "uid": uid, "ident": ep.ident,
+                               "device": device}, result)
+
     def _restore(self, applied: AppliedVm) -> None:
         if applied.netns_id is not None and self.dp.netns_id(applied.netns) == applied.netns_id:
             self.dp.vm_restore(applied.netns, applied.settings.interface)
@@ -291,6 +342,22 @@ class Reconciler:
             except Exception:  # noqa: BLE001, S112 - unresolvable: it claims nothing
                 continue
         restored = []
+        claimed = {device for _ident, device in self.fastpaths.values()}
+        for device in self.dp.fastpath_installed():
+            if device in claimed or any(k.startswith(FASTPATH) for k in self.failures):
+                continue  # (an endpoint that failed may claim it: not before it is known)
+            try:
+                self.dp.fastpath_remove(device)
+            except Exception as exc:  # noqa: BLE001
+                self.on_error("fastpath_remove")
+                log.error("removing an unclaimed fast path failed", extra={"fields": {
+                    "event": "reconcile_error", "op": "sweep", "device": device,
+                    "error": f"{type(exc).__name__}: {exc}"}})
+                continue
+            restored.append(device)
+            log.info("removed an unclaimed fast path", extra={"fields": {
+                "event": "fastpath_removed", "device": device,
+                "reason": "no endpoint claims it"}})
         for netns, ident in self.dp.vm_installed():
             if ident in keep:
                 continue
@@ -316,6 +383,8 @@ class Reconciler:
                        "pods": sorted(ep.ident for ep in desired.values()
                                       if ep.bypass and not ep.error)},
             "vms": {uid: a.as_dict() for uid, a in sorted(self.vms.items())},
+            "fastpath": {uid: {"ident": ident, "device": device}
+                         for uid, (ident, device) in sorted(self.fastpaths.items())},
             "invalid": {uid: {"ident": ep.ident, "error": ep.error}
                         for uid, ep in sorted(self.invalid.items())},
             "failures": {k: {"op": f.op, "ident": f.ident, "error": f.error,
@@ -337,6 +406,12 @@ def _in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args, **kwargs).result()
+
+
+def _compile_fastpath_program() -> None:
+    from node_helper import fastpath
+
+    fastpath.compile_program()
 
 
 def _compile_vm_program() -> None:
@@ -420,6 +495,34 @@ class KernelDatapaths:
         from node_helper import inventory
 
         return [(v.netns, v.ident) for v in inventory.vm_installed()]
+
+    def fastpath_add(self, netns: str, ep: Endpoint) -> str:
+        """The endpoint's node-side veth (in this process's netns, the node's) on the fast
+        path; returns its name. A VM: the launcher's pod veth, the guest's learned MAC."""
+        from node_helper import fastpath
+        from node_helper.vm.devices import find_devices
+
+        if not fastpath.program_pinned():
+            _in_child(_compile_fastpath_program)
+        if ep.vm is None:
+            device = fastpath.node_side(netns, "eth0")
+            fastpath.add(None, device, netns, addresses=list(ep.ips) or None)
+            return device
+        devs = find_devices(netns, ep.vm.interface, is_tap=self.is_tap)
+        device = fastpath.node_side(netns, devs.veth.name)
+        fastpath.add(None, device, netns, vm=True, mac=fastpath.guest_mac(netns, devs.tap.name),
+                     addresses=list(ep.ips))
+        return device
+
+    def fastpath_remove(self, device: str) -> None:
+        from node_helper import fastpath
+
+        fastpath.remove(None, device)
+
+    def fastpath_installed(self) -> list[str]:
+        from node_helper import fastpath
+
+        return [e["device"] for e in fastpath.status(None)["endpoints"] if e["addresses"]]
 
 
 def summarize(desired: Iterable[Endpoint]) -> dict[str, int]:

@@ -66,12 +66,14 @@ class AgentProc:
     """One `netaccel node run <args>` subprocess, its JSON log and its HTTP port (also used
     by tests/k8s/test_agent_e2e.py)."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, netns: str | None = None):
         self.log = log
         self.out = log.open("a")
-        self.proc = subprocess.Popen(
-            [*NETACCEL, "node", "run", *args, "--metrics-bind", "127.0.0.1:0", "--resync", "3"],
-            stdout=self.out, stderr=self.out, cwd=REPO)
+        self.netns = netns  # run inside this netns (a testbed's node), its HTTP port there
+        argv = [*NETACCEL, "node", "run", *args, "--metrics-bind", "127.0.0.1:0",
+                "--resync", "3"]
+        self.proc = subprocess.Popen(kernel.netns_argv(netns, argv) if netns else argv,
+                                     stdout=self.out, stderr=self.out, cwd=REPO)
         listening = wait_for(lambda: self.event("http_listening"), 30, "the agent's HTTP port")
         self.port = listening["port"]
 
@@ -95,11 +97,13 @@ class AgentProc:
                 and r["msg"].startswith(f"event={event}")]
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        with kernel.in_netns(self.netns) if self.netns else contextlib.nullcontext():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                            timeout=10) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
 
     def ready(self) -> dict[str, Any]:
         code, body = self.get("/readyz")

@@ -112,6 +112,7 @@ class FakeKernel:
         self.fail: set[str] = set()
         self.calls: list[tuple[Any, ...]] = []
         self.forgotten: list[int] = []
+        self.fastpaths: set[str] = set()
 
     def bypass_state(self) -> tuple[bool, set[str]]:
         return self.attached, set(self.cidrs)
@@ -149,6 +150,21 @@ class FakeKernel:
 
     def vm_installed(self) -> list[tuple[str, tuple[int, int]]]:
         return [(n, self.ids[n]) for n in self.vms]
+
+    def fastpath_add(self, netns: str, e: Endpoint) -> str:
+        self.calls.append(("fastpath_add", netns))
+        if f"fastpath:{netns}" in self.fail:
+            raise RuntimeError(f"no MAC learned in {netns} yet")
+        device = f"veth-{netns}"
+        self.fastpaths.add(device)
+        return device
+
+    def fastpath_remove(self, device: str) -> None:
+        self.calls.append(("fastpath_remove", device))
+        self.fastpaths.discard(device)
+
+    def fastpath_installed(self) -> list[str]:
+        return sorted(self.fastpaths)
 
 
 class Clock:
@@ -294,3 +310,42 @@ def test_json_log_line() -> None:
     out = json.loads(JsonFormatter().format(rec))
     assert out["level"] == "error" and out["msg"] == "vm failed" and out["uid"] == "u"
     assert "\n" not in JsonFormatter().format(rec)
+
+
+# --- the node fast path ------------------------------------------------------------------
+
+def fp_ep(uid: str, netns: str, bypass: bool = True, vm: bool = False) -> Endpoint:
+    return Endpoint(uid, "n", uid, ("10.0.0.1",), bypass, VmSettings() if vm else None, netns)
+
+
+def test_fastpath_follows_the_opted_in_endpoints_only_when_enabled() -> None:
+    k = FakeKernel()
+    Reconciler(k, clock=Clock()).reconcile(state(fp_ep("a", "ns1")))
+    assert not [c for c in k.calls if c[0].startswith("fastpath")]  # off by default
+    r = Reconciler(k, clock=Clock(), fastpath=True)
+    r.reconcile(state(fp_ep("a", "ns1"), fp_ep("b", "ns2", bypass=False, vm=True),
+                      fp_ep("c", "ns3", bypass=False)))
+    assert k.fastpaths == {"veth-ns1", "veth-ns2"}  # c opted in to nothing
+    k.calls.clear()
+    r.reconcile(state(fp_ep("a", "ns1"), fp_ep("b", "ns2", bypass=False, vm=True)))
+    assert not [c for c in k.calls if c[0].startswith("fastpath")]  # nothing changed
+    r.reconcile(state(fp_ep("b", "ns2", bypass=False, vm=True)))  # a went away
+    assert k.fastpaths == {"veth-ns2"} and ("fastpath_remove", "veth-ns1") in k.calls
+    assert r.report({})["fastpath"] == {"b": {"ident": "n/b", "device": "veth-ns2"}}
+
+
+def test_fastpath_failure_is_retried_and_keeps_the_device_from_the_sweep() -> None:
+    k, clock = FakeKernel(), Clock()
+    k.fastpaths.add("veth-ns9")  # left by an earlier run, claimed by nobody
+    k.fail.add("fastpath:ns1")
+    r = Reconciler(k, clock=clock, fastpath=True)
+    result = r.reconcile(state(fp_ep("a", "ns1")))
+    assert [e["op"] for e in result.errors] == ["fastpath_add"]
+    assert r.sweep(state(fp_ep("a", "ns1"))) == []  # a may claim it: not before it is known
+    k.fail.clear()
+    clock.now += 1.0
+    r.reconcile(state(fp_ep("a", "ns1")))
+    assert "veth-ns1" in k.fastpaths and not r.failures
+    assert r.sweep(state(fp_ep("a", "ns1"))) == ["veth-ns9"]
+    assert k.fastpaths == {"veth-ns1"}
+
