@@ -87,7 +87,8 @@ struct peer_sock {
 	__u64 sk;      /* its kernel struct sock address: read only with bpf_probe_read_kernel */
 	__u64 cookie;  /* its socket cookie: only its own close removes the entry */
 	/* The splice guard's handshake with this socket's sender (sockmap.c, SPLICE). */
-	__u64 pending_ts;    /* bpf_ktime_get_ns() of the sender's last redirect decision */
+	__u64 pending_ts;    /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC, tick-coarse) of the sender's
+	                      * last redirect decision */
 	/* 64-bit: the programs change these two with atomic exchange/fetch-add, which the BPF
 	 * instruction set level bcc compiles for offers on 64-bit words only. */
 	__u64 pending;       /* 1: the sender decided to redirect; the bytes may not be queued yet */
@@ -151,6 +152,10 @@ struct demote_counters {
 	__u64 demoted;       /* sockets removed from the sockhash by the policy */
 	__u64 abandoned;     /* candidates given up (closed, or never safe within the time limit) */
 };
+
+/* Flow control rule 7 (sockmap.c): a sending socket reads the node's TCP memory again after
+ * redirecting this many bytes (the guard may be passed by that much per sending socket). */
+#define NODE_MEM_RECHECK_BYTES 262144
 
 /* How long a sender's redirect decision may take to reach the receiver's queue: past this,
  * a pending flag is its completed last message, not one in flight (see sockmap.c, SPLICE). */

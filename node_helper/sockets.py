@@ -377,6 +377,7 @@ def status() -> dict[str, Any]:
         with closing(obj_get(PIN_DIR / "map_socks")) as fd:
             result["sockets"] = sum(1 for _ in map_keys(fd, SOCK_KEY.size))
             result["sockets_max"] = map_info(fd)[3]
+
         with closing(obj_get(PIN_DIR / "map_accel")) as fd:
             result["cidrs"] = sorted(key_to_cidr(k) for k in map_keys(fd, LPM_KEY.size))
         result.update(_read_config())
@@ -599,7 +600,7 @@ def uring_layout() -> dict[str, int] | None:
 
 
 def _pack_config(config: dict[str, int]) -> bytes:
-    return struct.pack(CONFIG.format, *(config[n] for n in CONFIG.names))
+    return CONFIG.pack(**config)  # fields not given (stopping) are 0
 
 
 def _write_config(config: dict[str, int], fd: int | None = None) -> None:
