@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -246,8 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `kill` (SIGTERM) unwinds like Ctrl-C: a benchmark or `testbed up` takes down the
+    # testbeds, sidecars and pins it made instead of leaving them behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     return exitcodes.run("netaccel-lab", args.func, args,
                          failures=(testbed.TestbedError, bench.BenchError, mesh.MeshError))
 

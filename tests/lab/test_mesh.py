@@ -355,3 +355,27 @@ def test_cli_testbed_up_mesh_status_down() -> None:
     assert not pids & _haproxies()
     assert _ours(number) == []
     assert not list(mesh.MESH_DIR.glob(f"na{number}-*"))
+
+
+def test_sigterm_during_a_benchmark_takes_everything_down() -> None:
+    """`kill` of a running `netaccel-lab bench mesh`: exit 130, and its testbed, sidecars and
+    the bypass's pins are gone (SIGTERM unwinds like Ctrl-C)."""
+    before = set(netns.listnetns())
+    proc = subprocess.Popen(LAB + ["bench", "mesh", "--quick", "--seconds", "2"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stderr.readline()
+        while line and not line.startswith("[1/"):  # the first point: the bypass ran once
+            line = proc.stderr.readline()
+        assert line, "the benchmark printed no progress"
+        proc.terminate()
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert set(netns.listnetns()) - before == set()
+    assert sockets.attached_programs() == [] and not sockets.PIN_DIR.exists()
+    assert not (mesh.MESH_DIR.exists() and any(
+        d.name.split("-")[0] not in {n.split("-")[0] for n in before}
+        for d in mesh.MESH_DIR.iterdir()))
