@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -247,7 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
+_MAIN_PID = os.getpid()
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked helper (pyroute2's netns worker): die as before
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt
 
 
