@@ -4,8 +4,9 @@ A node of a real cluster has rules that use conntrack (kube-proxy's, or the CNI'
 NetworkPolicy), so its conntrack table sees every forwarded flow. The testbed's node has no
 rules at all; `load(node_netns)` gives it the typical shape: a forward chain that first jumps
 to a policy chain (empty; tests add drop rules to it), then accepts established flows, then
-accepts the rest, counting both. The node fast path (docs/fastpath.md) relies on that
-conntrack table: without it, no flow would ever take the fast path.
+the rest, counting the TCP and UDP packets of both (ND and the like are not counted). The
+node fast path (docs/fastpath.md) relies on that conntrack table: without it, no flow would
+ever take the fast path.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ table inet {TABLE} {{
     chain forward {{
         type filter hook forward priority 0;
         jump {POLICY_CHAIN}
-        ct state established,related counter name cnt_est accept
-        counter name cnt_other accept
+        meta l4proto {{ tcp, udp }} ct state established,related counter name cnt_est accept
+        meta l4proto {{ tcp, udp }} counter name cnt_other accept
     }}
     chain {POLICY_CHAIN} {{
     }}
@@ -64,5 +65,5 @@ def counter(node_netns: str, name: str) -> int:
 
 
 def forwarded(node_netns: str) -> int:
-    """Packets that crossed the node's forward hook (both counters)."""
+    """TCP and UDP packets that crossed the node's forward hook (both counters)."""
     return counter(node_netns, "cnt_est") + counter(node_netns, "cnt_other")
