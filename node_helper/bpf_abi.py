@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from node_helper import kernel
+from node_helper import bpf_syscall, kernel
 
 HEADER = "netaccel_abi.h"
 _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
@@ -80,6 +80,23 @@ class Layout:
                     raise AbiError(f"{self.name}.{f.name} holds {f.count}, got {len(items)}")
                 flat += items + [0] * (f.count - len(items))
         return struct.pack(self.format, *flat)
+
+    @property
+    def percpu_size(self) -> int:
+        """Bytes of one value in a per-CPU map's lookup: one 8-byte aligned slot per CPU."""
+        return -(-self.size // 8) * 8 * bpf_syscall.possible_cpus()
+
+    def sum_percpu(self, raw: bytes) -> dict[str, Any]:
+        """A per-CPU lookup's slots summed: field name -> int, or tuple (arrays, element by
+        element)."""
+        stride = -(-self.size // 8) * 8
+        total: dict[str, Any] = {f.name: 0 if f.count == 1 else (0,) * f.count
+                                 for f in self.fields}
+        for pos in range(0, len(raw) - stride + 1, stride):
+            for name, value in self.unpack(raw, pos).items():
+                total[name] = (tuple(a + b for a, b in zip(total[name], value, strict=True))
+                               if isinstance(value, tuple) else total[name] + value)
+        return total
 
     def unpack(self, raw: bytes, offset: int = 0) -> dict[str, Any]:
         """Field name -> int (scalars) or tuple (arrays)."""

@@ -151,6 +151,18 @@ def all_prog_names() -> dict[int, str]:
 
 
 @contextlib.contextmanager
+def pinned_map(path: Path) -> Iterator[int | None]:
+    """The fd of the map pinned at `path` for the block, or None when nothing is pinned."""
+    try:
+        fd = obj_get(path)
+    except OSError:
+        yield None
+        return
+    with closing(fd):
+        yield fd
+
+
+@contextlib.contextmanager
 def closing(fd: int) -> Iterator[int]:
     try:
         yield fd

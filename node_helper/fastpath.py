@@ -172,15 +172,8 @@ def _program() -> Path:
     return pin
 
 
-@contextlib.contextmanager
-def _map(name: str) -> Iterator[int | None]:
-    try:
-        fd = bpf_syscall.obj_get(pin_dir() / name)
-    except OSError:
-        yield None
-        return
-    with bpf_syscall.closing(fd):
-        yield fd
+def _map(name: str) -> contextlib.AbstractContextManager[int | None]:
+    return bpf_syscall.pinned_map(pin_dir() / name)
 
 
 def addr_key(ip: str) -> bytes:
@@ -441,7 +434,7 @@ def _attach(ns: Any, index: int, pin: Path) -> None:
     """Our counters entry and filter on the device (kept if already there)."""
     with _map(COUNTERS) as cnt:
         assert cnt is not None
-        size = bpf_abi.layout("fp_counters").size * bpf_syscall.possible_cpus()
+        size = bpf_abi.layout("fp_counters").percpu_size
         if bpf_syscall.map_lookup(cnt, _dev_key(index), size) is None:
             bpf_syscall.map_update(cnt, _dev_key(index), bytes(size))
     if _our_filters(ns, index)[0]:
@@ -484,29 +477,15 @@ def remote() -> list[str]:
 
 
 def unpin_all() -> None:
-    folder = pin_dir()
-    if folder.is_dir():
-        for p in folder.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-    with contextlib.suppress(OSError):
-        folder.parent.rmdir()  # only when empty: the other datapaths may have pins there
+    kernel.unpin("fastpath")
 
 
 def counters(index: int) -> dict[str, int] | None:
     lay = bpf_abi.layout("fp_counters")
-    ncpu = bpf_syscall.possible_cpus()
     with _map(COUNTERS) as fd:
-        raw = None if fd is None else bpf_syscall.map_lookup(fd, _dev_key(index), lay.size * ncpu)
-    if raw is None:
-        return None
-    total = dict.fromkeys(lay.names, 0)
-    for cpu in range(ncpu):
-        for name, value in lay.unpack(raw, cpu * lay.size).items():
-            total[name] += value
-    return total
+        raw = None if fd is None else bpf_syscall.map_lookup(fd, _dev_key(index),
+                                                               lay.percpu_size)
+    return None if raw is None else lay.sum_percpu(raw)
 
 
 def endpoint_status(node_netns: str | None, host_veth: str) -> dict[str, Any]:

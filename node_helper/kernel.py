@@ -195,6 +195,20 @@ def pin_dir(part: str) -> Path:
     return BPFFS / instance() / part
 
 
+def unpin(part: str) -> None:
+    """Remove every pin of datapath `part`, its folder, and the instance's folder if that is
+    then empty (the other datapaths may have pins there)."""
+    folder = pin_dir(part)
+    if folder.is_dir():
+        for pin in folder.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                pin.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
+
+
 def lock_file(part: str) -> Path:
     """The lock that serialises changes to datapath `part` between processes."""
     return Path("/run") / f"{instance()}-{part}.lock"

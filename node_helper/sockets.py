@@ -49,7 +49,6 @@ from node_helper.bpf_syscall import (  # noqa: F401 - re-exported for tests and 
     map_update,
     obj_get,
     obj_pin,
-    possible_cpus,
     prog_attach,
     prog_detach,
     prog_fd_by_id,
@@ -620,19 +619,8 @@ def _read_config() -> dict[str, int]:
 # --- internals ----------------------------------------------------------------------------
 
 def _read_counters(fd: int) -> dict[str, Any]:
-    """Sum the per-CPU slots of the counters map (per-CPU values are 8-byte aligned);
-    array counters are summed element by element (tuples)."""
-    stride = -(-COUNTERS.size // 8) * 8
-    raw = map_lookup(fd, b"\0\0\0\0", stride * possible_cpus()) or b""
-    totals: dict[str, Any] = {f.name: 0 if f.count == 1 else (0,) * f.count
-                              for f in COUNTERS.fields}
-    for cpu in range(len(raw) // stride):
-        for name, value in COUNTERS.unpack(raw, cpu * stride).items():
-            if isinstance(value, tuple):
-                totals[name] = tuple(a + b for a, b in zip(totals[name], value, strict=True))
-            else:
-                totals[name] += value
-    return totals
+    """The counters map's per-CPU slots summed (array counters element by element)."""
+    return COUNTERS.sum_percpu(map_lookup(fd, b"\0\0\0\0", COUNTERS.percpu_size) or b"")
 
 
 def _hops(counters: dict[str, Any]) -> dict[str, dict[str, int]]:

@@ -23,7 +23,7 @@ import ipaddress
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from pyroute2 import NetNS
@@ -181,16 +181,8 @@ def current_prog_id() -> int | None:
     return None
 
 
-@contextlib.contextmanager
-def _map(name: str) -> Iterator[int | None]:
-    path = pin_dir() / name
-    try:
-        fd = bpf_syscall.obj_get(path)
-    except OSError:
-        yield None
-        return
-    with bpf_syscall.closing(fd):
-        yield fd
+def _map(name: str) -> contextlib.AbstractContextManager[int | None]:
+    return bpf_syscall.pinned_map(pin_dir() / name)
 
 
 def entries() -> dict[int, tuple[int, int]]:
@@ -229,7 +221,7 @@ def configure(dev_id: int, value: bytes) -> None:
     with _map(CONFIG) as cfg, _map(COUNTERS) as cnt:
         if cfg is None or cnt is None:
             raise VmDatapathError(f"the VM datapath's maps are not pinned in {pin_dir()}")
-        size = bpf_abi.layout("vm_dev_counters").size * bpf_syscall.possible_cpus()
+        size = bpf_abi.layout("vm_dev_counters").percpu_size
         if bpf_syscall.map_lookup(cnt, key, size) is None:
             bpf_syscall.map_update(cnt, key, bytes(size))
         bpf_syscall.map_update(cfg, key, value)
@@ -245,16 +237,10 @@ def config_of(dev_id: int) -> bytes | None:
 def counters_of(dev_id: int) -> dict[str, int] | None:
     """The device's counters summed over the CPUs (None without an entry)."""
     lay = bpf_abi.layout("vm_dev_counters")
-    ncpu = bpf_syscall.possible_cpus()
     with _map(COUNTERS) as fd:
-        raw = None if fd is None else bpf_syscall.map_lookup(fd, dev_key(dev_id), lay.size * ncpu)
-    if raw is None:
-        return None
-    total = dict.fromkeys(lay.names, 0)
-    for cpu in range(ncpu):
-        for name, value in lay.unpack(raw, cpu * lay.size).items():
-            total[name] += value
-    return total
+        raw = None if fd is None else bpf_syscall.map_lookup(fd, dev_key(dev_id),
+                                                               lay.percpu_size)
+    return None if raw is None else lay.sum_percpu(raw)
 
 
 def forget(cookie: int, devs: Iterable[Link]) -> None:
@@ -295,13 +281,7 @@ def _unpin(*paths: Path) -> None:
 
 def unpin_all() -> None:
     """Remove every pin of the VM datapath and its folders (the instance's if it is empty)."""
-    folder = pin_dir()
-    if folder.is_dir():
-        _unpin(*folder.iterdir())
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-    with contextlib.suppress(OSError):
-        folder.parent.rmdir()  # only when empty: the bypass may have its pins there
+    kernel.unpin("vm")
 
 
 def pinned() -> bool:
