@@ -151,6 +151,38 @@ static __always_inline int remote_endpoint(struct fp_addr_key *key)
 	return netaccel_fp_remote.lookup(&k) != NULL;
 }
 
+/* A routed hop: TTL / hop limit - 1, the IPv4 header checksum updated (TTL is the high byte
+ * of the 16-bit word (ttl, protocol) the checksum sums; it is not in the TCP/UDP checksum).
+ * Reads the packet pointers afresh (callers have called helpers that invalidate them).
+ * 0, or -1 when the headers are not there. */
+static __always_inline int decrement_hops(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == __builtin_bswap16(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		__u16 old, new;
+
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		old = *(__u16 *)&ip->ttl;
+		ip->ttl--;
+		new = *(__u16 *)&ip->ttl;
+		bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2);
+	} else {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		ip6->hop_limit--;
+	}
+	return 0;
+}
+
 /* REMOTE: route the frame as the node would and hand it to the device the route chose. */
 static __always_inline int to_remote(struct __sk_buff *skb, struct fp_counters *cnt,
 				     __u8 l4proto, __u32 len)
@@ -191,33 +223,13 @@ static __always_inline int to_remote(struct __sk_buff *skb, struct fp_counters *
 		cnt->passed_packets++;
 		return TC_ACT_OK;
 	}
-	/* bpf_fib_lookup may not move the packet, but re-check before writing (verifier). */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
+	if (decrement_hops(skb))
 		return TC_ACT_OK;
-	if (fib.family == NA_AF_INET) {
-		struct iphdr *ip = (void *)(eth + 1);
-		__u16 old, new;
-
-		if ((void *)(ip + 1) > data_end)
-			return TC_ACT_OK;
-		old = *(__u16 *)&ip->ttl;
-		ip->ttl--;
-		new = *(__u16 *)&ip->ttl;
-		bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2);
-		nh.nh_family = NA_AF_INET;
-		nh.ipv4_nh = fib.ipv4_dst;  /* after the lookup: the next hop */
-	} else {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-
-		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_OK;
-		ip6->hop_limit--;
-		nh.nh_family = NA_AF_INET6;
+	nh.nh_family = fib.family;  /* after the lookup, the destination is the next hop */
+	if (fib.family == NA_AF_INET)
+		nh.ipv4_nh = fib.ipv4_dst;
+	else
 		__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
-	}
 	cnt->remote_packets++;
 	cnt->remote_bytes += len;
 	return redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
@@ -306,37 +318,19 @@ int NA_PROG_FP(struct __sk_buff *skb)
 		cnt->passed_packets++;
 		return TC_ACT_OK;
 	}
-	/* judged() called a kfunc: packet pointers must be checked again. */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
 	if (!ep)
 		return to_remote(skb, cnt, l4proto, len);
 	if (routed) {
-		if (eth->h_proto == __builtin_bswap16(ETH_P_IP)) {
-			struct iphdr *ip = (void *)(eth + 1);
-			__u16 old, new;
-
-			if ((void *)(ip + 1) > data_end)
-				return TC_ACT_OK;
-			/* TTL is the high byte of the 16-bit word (ttl, protocol) the checksum sums */
-			old = *(__u16 *)&ip->ttl;
-			ip->ttl--;
-			new = *(__u16 *)&ip->ttl;
-			__builtin_memcpy(eth->h_dest, ep->mac, 6);
-			__builtin_memcpy(eth->h_source, ep->gw_mac, 6);
-			bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2);
-		} else {
-			struct ipv6hdr *ip6 = (void *)(eth + 1);
-
-			if ((void *)(ip6 + 1) > data_end)
-				return TC_ACT_OK;
-			ip6->hop_limit--;
-			__builtin_memcpy(eth->h_dest, ep->mac, 6);
-			__builtin_memcpy(eth->h_source, ep->gw_mac, 6);
-		}
+		if (decrement_hops(skb))
+			return TC_ACT_OK;
+		/* judged()'s kfunc and the checksum helper invalidated the packet pointers */
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		eth = data;
+		if ((void *)(eth + 1) > data_end)
+			return TC_ACT_OK;
+		__builtin_memcpy(eth->h_dest, ep->mac, 6);
+		__builtin_memcpy(eth->h_source, ep->gw_mac, 6);
 	}
 	cnt->fast_packets++;
 	cnt->fast_bytes += len;
