@@ -329,10 +329,13 @@ class Reconciler:
 
     # --- adoption of what no endpoint claims ---------------------------------------
     def sweep(self, desired: DesiredState) -> list[str]:
-        """Restore VM datapaths installed in namespaces no endpoint claims; return them.
+        """Undo what is installed that no endpoint claims; return what was undone (fast path
+        devices, VM datapath namespaces).
 
         Claimed: every applied VM's namespace, and whatever the resolver finds for the
-        endpoints that want a VM but failed, or that are invalid (left untouched)."""
+        endpoints that want a VM but failed, or that are invalid (left untouched); every
+        applied fast path device, and all of them while an endpoint's fast path failed (it
+        may claim one, not known before it succeeds)."""
         keep = {a.netns_id for a in self.vms.values()}
         for uid, ep in desired.items():
             if uid in self.vms or not (ep.vm or ep.error):
@@ -341,38 +344,38 @@ class Reconciler:
                 keep.add(self.dp.netns_id(self.resolve(ep)))
             except Exception:  # noqa: BLE001, S112 - unresolvable: it claims nothing
                 continue
-        restored = []
         claimed = {device for _ident, device in self.fastpaths.values()}
+        fastpath_failed = any(k.startswith(FASTPATH) for k in self.failures)
+        undone = []
         for device in self.dp.fastpath_installed():
-            if device in claimed or any(k.startswith(FASTPATH) for k in self.failures):
-                continue  # (an endpoint that failed may claim it: not before it is known)
-            try:
-                self.dp.fastpath_remove(device)
-            except Exception as exc:  # noqa: BLE001
-                self.on_error("fastpath_remove")
-                log.error("removing an unclaimed fast path failed", extra={"fields": {
-                    "event": "reconcile_error", "op": "sweep", "device": device,
-                    "error": f"{type(exc).__name__}: {exc}"}})
-                continue
-            restored.append(device)
-            log.info("removed an unclaimed fast path", extra={"fields": {
-                "event": "fastpath_removed", "device": device,
-                "reason": "no endpoint claims it"}})
+            if device not in claimed and not fastpath_failed and self._undo_unclaimed(
+                    "fastpath_remove", "fastpath_removed", "device", device,
+                    self.dp.fastpath_remove, "removing an unclaimed fast path failed",
+                    "removed an unclaimed fast path"):
+                undone.append(device)
         for netns, ident in self.dp.vm_installed():
-            if ident in keep:
-                continue
-            try:
-                self.dp.vm_restore(netns, "eth0")
-            except Exception as exc:  # noqa: BLE001
-                self.on_error("vm_restore")
-                log.error("restoring an unclaimed VM datapath failed", extra={"fields": {
-                    "event": "reconcile_error", "op": "sweep", "netns": netns,
-                    "error": f"{type(exc).__name__}: {exc}"}})
-                continue
-            restored.append(netns)
-            log.info("restored an unclaimed VM datapath", extra={"fields": {
-                "event": "vm_restored", "netns": netns, "reason": "no endpoint claims it"}})
-        return restored
+            if ident not in keep and self._undo_unclaimed(
+                    "vm_restore", "vm_restored", "netns", netns,
+                    lambda n: self.dp.vm_restore(n, "eth0"),
+                    "restoring an unclaimed VM datapath failed",
+                    "restored an unclaimed VM datapath"):
+                undone.append(netns)
+        return undone
+
+    def _undo_unclaimed(self, op: str, event: str, field: str, name: str,
+                        undo: Callable[[str], None], failed: str, done: str) -> bool:
+        """undo(name) for the sweep, logged either way; True when it worked."""
+        try:
+            undo(name)
+        except Exception as exc:  # noqa: BLE001
+            self.on_error(op)
+            log.error(failed, extra={"fields": {
+                "event": "reconcile_error", "op": "sweep", field: name,
+                "error": f"{type(exc).__name__}: {exc}"}})
+            return False
+        log.info(done, extra={"fields": {
+            "event": event, field: name, "reason": "no endpoint claims it"}})
+        return True
 
     # --- reporting -------------------------------------------------------------------
     def report(self, desired: DesiredState) -> dict[str, Any]:
