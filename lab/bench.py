@@ -428,24 +428,13 @@ def bench_node_path(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
         for vm in a.vms:
             vm_api.accelerate(vm.launcher_netns, datapath="bpf", is_tap=is_tap)
 
-        def endpoints(bed: Testbed, peer: Testbed, on: bool) -> None:
-            with multinode.as_node(bed.number):
-                if not on:
-                    fastpath.cleanup(bed.node_netns, keep_pins=True)
-                    return
-                for pod in bed.pods:
-                    fastpath.add(bed.node_netns, pod.host_veth, pod.netns)
-                for vm in bed.vms:
-                    guest = fastpath.read_facts(vm.guest_netns)
-                    fastpath.add(bed.node_netns, vm.host_veth, vm.launcher_netns, vm=True,
-                                 mac=guest.mac, addresses=list(guest.addresses))
-                fastpath.add_uplink(bed.node_netns, cluster.node(bed.number).vxlan)
-                fastpath.set_remote([f"{p.ipv4}/32" for p in peer.pods] +
-                                    [f"{vm.ipv4}/32" for vm in peer.vms])
-
         def apply(variant: str) -> None:
             for bed, peer in ((a, b), (b, a)):
-                endpoints(bed, peer, variant == "fastpath")
+                if variant == "fastpath":
+                    multinode.fastpath_node(bed, peer, cluster)
+                else:
+                    with multinode.as_node(bed.number):
+                        fastpath.cleanup(bed.node_netns, keep_pins=True)
 
         servers = ExitStack()
         try:

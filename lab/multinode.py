@@ -51,7 +51,15 @@ from pyroute2 import NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
-from lab.testbed import NODE_BRIDGE, PREFIX, Testbed, TestbedError, existing_numbers, write_sysctl
+from lab.testbed import (
+    NODE_BRIDGE,
+    PREFIX,
+    Testbed,
+    TestbedError,
+    Vm,
+    existing_numbers,
+    write_sysctl,
+)
 from node_helper.kernel import NETNS_DIR, in_netns
 
 VNI = 1
@@ -359,3 +367,32 @@ def cluster_status() -> list[dict[str, Any]]:
         seen |= {n.number for n in cluster.nodes}
         out.append(cluster.status())
     return out
+
+
+# --- the node fast path on the lab's nodes -------------------------------------------------
+
+def fastpath_add_vm(bed: Testbed, vm: Vm) -> None:
+    """A testbed VM on its node's fast path, with its guest's MAC and addresses (what a
+    cluster's agent reads from the VMI's status)."""
+    from node_helper import fastpath
+
+    guest = fastpath.read_facts(vm.guest_netns)
+    fastpath.add(bed.node_netns, vm.host_veth, vm.launcher_netns, vm=True, mac=guest.mac,
+                 addresses=list(guest.addresses))
+
+
+def fastpath_node(bed: Testbed, peer: Testbed, cluster: Cluster) -> None:
+    """What node `bed`'s agent would program: its pods and VMs (netns guests), its VXLAN
+    device as the uplink, the peer's pods and VMs as the remote set; as that node's agent
+    instance (as_node)."""
+    from node_helper import fastpath
+
+    with as_node(bed.number):
+        for pod in bed.pods:
+            fastpath.add(bed.node_netns, pod.host_veth, pod.netns)
+        for vm in bed.vms:
+            fastpath_add_vm(bed, vm)
+        fastpath.add_uplink(bed.node_netns, cluster.node(bed.number).vxlan)
+        fastpath.set_remote([f"{p.ipv4}/32" for p in peer.pods] +
+                            [f"{p.ipv6}/128" for p in peer.pods] +
+                            [f"{vm.ipv4}/32" for vm in peer.vms])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
-from lab import cni
+from lab import cni, multinode
 from lab.testbed import Testbed, run_in
 from node_helper import fastpath
 from node_helper.kernel import in_netns
@@ -32,9 +32,7 @@ def bed() -> Iterator[Testbed]:
             for pod in tb.pods[:2]:
                 fastpath.add(tb.node_netns, pod.host_veth, pod.netns)
             for vm in tb.vms:
-                guest = fastpath.read_facts(vm.guest_netns)
-                fastpath.add(tb.node_netns, vm.host_veth, vm.launcher_netns, vm=True,
-                             mac=guest.mac, addresses=list(guest.addresses))
+                multinode.fastpath_add_vm(tb, vm)
             yield tb
         finally:
             fastpath.cleanup(tb.node_netns)

@@ -31,21 +31,6 @@ class TwoNodes:
         return self.cluster.node(bed.number)
 
 
-def _accelerate(bed: Testbed, peer: Testbed, node: multinode.Node) -> None:
-    """Node `bed`'s agent: its pods and VMs, its VXLAN device, the peer's endpoints as remote."""
-    with multinode.as_node(bed.number):
-        for pod in bed.pods:
-            fastpath.add(bed.node_netns, pod.host_veth, pod.netns)
-        for vm in bed.vms:
-            guest = fastpath.read_facts(vm.guest_netns)
-            fastpath.add(bed.node_netns, vm.host_veth, vm.launcher_netns, vm=True,
-                         mac=guest.mac, addresses=list(guest.addresses))
-        fastpath.add_uplink(bed.node_netns, node.vxlan)
-        fastpath.set_remote([f"{p.ipv4}/32" for p in peer.pods] +
-                            [f"{p.ipv6}/128" for p in peer.pods] +
-                            [f"{vm.ipv4}/32" for vm in peer.vms])
-
-
 @pytest.fixture(scope="module")
 def two() -> Iterator[TwoNodes]:
     with Testbed.create(pods=2, vms=1) as a, Testbed.create(pods=2) as b, \
@@ -57,7 +42,7 @@ def two() -> Iterator[TwoNodes]:
         try:
             for bed, peer in ((a, b), (b, a)):
                 cni.load(bed.node_netns)
-                _accelerate(bed, peer, nodes.node(bed))
+                multinode.fastpath_node(bed, peer, cluster)
             yield nodes
         finally:
             for bed in (a, b):
@@ -156,4 +141,4 @@ def test_cleanup_of_one_node_keeps_traffic_flowing(two: TwoNodes) -> None:
         tcp_bulk(dst.netns, src.netns, src.ipv4, 1 << 20)
     finally:
         with contextlib.suppress(Exception):
-            _accelerate(two.a, two.b, two.node(two.a))
+            multinode.fastpath_node(two.a, two.b, two.cluster)
