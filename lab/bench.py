@@ -217,6 +217,19 @@ def measure_point(variants: Sequence[str], apply: Callable[[str], None],
     return {v: statistics.median(values) for v, values in samples.items()}
 
 
+def floor_row(test: str, size: int, fig: dict[str, float], labels: tuple[str, str, str],
+              step: str, progress: ProgressFn) -> Row:
+    """The Row of a point measured as baseline, accelerated and floor; its progress line
+    names the three variants with `labels`."""
+    row = Row(test, size, UNITS[test], fig["baseline"], fig["accelerated"], fig["floor"],
+              fig["accelerated"] / fig["baseline"])
+    progress(f"{step} {test:7s} {human_size(size):>6s}  " + "  ".join(
+        f"{label} {value:9.2f}" for label, value in zip(
+            labels, (row.baseline, row.accelerated, row.floor), strict=True))
+        + f" {row.unit}  ratio {row.ratio:.2f}x")
+    return row
+
+
 @contextmanager
 def demoter_running(policy: str) -> Iterator[None]:
     """The bypass's demoter (node_helper.demote) in a thread while the block runs, as the agent
@@ -269,12 +282,8 @@ def bench_pods(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
                 with cpus_kept_awake(keep_awake_for(test, cpu_idle)):
                     fig = measure_point(("baseline", "accelerated", "floor"), apply, measure,
                                         n, rounds)
-                row = Row(test, size, UNITS[test], fig["baseline"], fig["accelerated"],
-                          fig["floor"], fig["accelerated"] / fig["baseline"])
-                rows.append(row)
-                progress(f"[{n}/{len(points)}] {test:7s} {human_size(size):>6s}  "
-                         f"kernel {row.baseline:9.2f}  bypass {row.accelerated:9.2f}  "
-                         f"floor {row.floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
+                rows.append(floor_row(test, size, fig, ("kernel", "bypass", "floor"),
+                                      f"[{n}/{len(points)}]", progress))
         finally:
             sockets.disable()
     return rows
@@ -323,12 +332,8 @@ def bench_mesh(sizes: Iterable[int] = FULL_SIZES, seconds: float = 3.0,
 
                 with cpus_kept_awake(keep_awake_for(test, cpu_idle)):
                     fig = measure_point(MESH_VARIANTS, apply, measure, n, rounds)
-                row = Row(test, size, UNITS[test], fig["baseline"], fig["accelerated"],
-                          fig["floor"], fig["accelerated"] / fig["baseline"])
-                rows.append(row)
-                progress(f"[{n}/{len(points)}] {test:7s} {human_size(size):>6s}  "
-                         f"mesh {row.baseline:9.2f}  mesh+bypass {row.accelerated:9.2f}  "
-                         f"no mesh {row.floor:9.2f} {row.unit}  ratio {row.ratio:.2f}x")
+                rows.append(floor_row(test, size, fig, ("mesh", "mesh+bypass", "no mesh"),
+                                      f"[{n}/{len(points)}]", progress))
         finally:
             try:
                 sockets.disable()
