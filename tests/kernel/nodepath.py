@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 
 from node_helper import fastpath
 from node_helper.kernel import in_netns
@@ -15,19 +17,28 @@ def counters(node_netns: str, device: str) -> dict[str, int]:
     return fastpath.endpoint_status(node_netns, device)["counters"]
 
 
-def udp_echo(src_ns: str, dst_ns: str, dst_ip: str, count: int = 50,
-              size: int = 1200) -> int:
-    """`count` datagrams src -> dst, each echoed back; how many round trips completed."""
+@contextlib.contextmanager
+def udp_pair(src_ns: str, dst_ns: str, dst_ip: str, port: int,
+             timeout: float) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(server bound to dst_ip:port in dst_ns, client in src_ns), UDP, both with `timeout`;
+    closed afterwards."""
     family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
-    port = next_port()
     with in_netns(dst_ns):
         srv = socket.socket(family, socket.SOCK_DGRAM)
     with in_netns(src_ns):
         cl = socket.socket(family, socket.SOCK_DGRAM)
     with srv, cl:
         srv.bind((dst_ip, port))
-        srv.settimeout(0.5)
-        cl.settimeout(0.5)
+        srv.settimeout(timeout)
+        cl.settimeout(timeout)
+        yield srv, cl
+
+
+def udp_echo(src_ns: str, dst_ns: str, dst_ip: str, count: int = 50,
+              size: int = 1200) -> int:
+    """`count` datagrams src -> dst, each echoed back; how many round trips completed."""
+    port = next_port()
+    with udp_pair(src_ns, dst_ns, dst_ip, port, 0.5) as (srv, cl):
         done = 0
         for i in range(count):
             payload = i.to_bytes(4, "big") * (size // 4)

@@ -16,10 +16,9 @@ from pyroute2 import NetNS
 from lab import cni, multinode
 from lab.testbed import Testbed, run_in
 from node_helper import fastpath
-from node_helper.kernel import in_netns
 
 from .conftest import next_port
-from .nodepath import counters, tcp_bulk, udp_echo
+from .nodepath import counters, tcp_bulk, udp_echo, udp_pair
 
 pytestmark = pytest.mark.kernel
 
@@ -63,13 +62,7 @@ def test_a_one_way_udp_stream_goes_fast_from_its_second_datagram(bed: Testbed) -
     the rest go straight to the pod, every one of them arrives."""
     p0, p1 = bed.pods[:2]
     port = next_port()
-    with in_netns(p1.netns):
-        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with in_netns(p0.netns):
-        cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with srv, cl:
-        srv.bind((p1.ipv4, port))
-        srv.settimeout(2)
+    with udp_pair(p0.netns, p1.netns, p1.ipv4, port, 2) as (srv, cl):
         c0 = counters(bed.node_netns, p0.host_veth)
         for i in range(200):
             cl.sendto(i.to_bytes(4, "big"), (p1.ipv4, port))
@@ -122,13 +115,7 @@ def test_a_netfilter_drop_rule_still_drops(bed: Testbed) -> None:
     cni.nft(bed.node_netns, f"add rule inet cni netpol ip saddr {p0.ipv4} ip daddr {p1.ipv4} "
               f"udp dport {port} drop\n")
     try:
-        with in_netns(p1.netns):
-            srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with in_netns(p0.netns):
-            cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with srv, cl:
-            srv.bind((p1.ipv4, port))
-            srv.settimeout(0.3)
+        with udp_pair(p0.netns, p1.netns, p1.ipv4, port, 0.3) as (srv, cl):
             c0 = counters(bed.node_netns, p0.host_veth)
             for _ in range(20):
                 cl.sendto(b"blocked", (p1.ipv4, port))
@@ -146,15 +133,10 @@ def test_remove_and_add_under_traffic_keep_it_flowing(bed: Testbed) -> None:
     datagram is lost (the CNI's path takes over at once) and the qdisc we made goes with it."""
     p0, p1 = bed.pods[:2]
     port = next_port()
-    with in_netns(p0.netns):
-        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with in_netns(p1.netns):
-        cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     got: list[int] = []
     stop = threading.Event()
 
-    def receive() -> None:
-        srv.settimeout(0.2)
+    def receive(srv: socket.socket) -> None:
         while True:
             try:
                 got.append(int.from_bytes(srv.recv(64), "big"))
@@ -162,9 +144,8 @@ def test_remove_and_add_under_traffic_keep_it_flowing(bed: Testbed) -> None:
                 if stop.is_set():
                     return
 
-    with srv, cl:
-        srv.bind((p0.ipv4, port))
-        rx = threading.Thread(target=receive)
+    with udp_pair(p1.netns, p0.netns, p0.ipv4, port, 0.2) as (srv, cl):
+        rx = threading.Thread(target=receive, args=(srv,))
         rx.start()
         sent = 0
         for step in range(3):

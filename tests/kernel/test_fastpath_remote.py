@@ -5,7 +5,6 @@ its own agent instance (multinode.as_node), as in a cluster."""
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,9 +13,8 @@ import pytest
 from lab import cni, multinode
 from lab.testbed import Testbed, run_in
 from node_helper import fastpath
-from node_helper.kernel import in_netns
 
-from .nodepath import counters, tcp_bulk, udp_echo
+from .nodepath import counters, tcp_bulk, udp_echo, udp_pair
 
 pytestmark = pytest.mark.kernel
 
@@ -107,13 +105,7 @@ def test_a_drop_rule_on_the_receiving_node_still_drops(two: TwoNodes) -> None:
     cni.nft(two.b.node_netns, f"add rule inet cni netpol ip saddr {src.ipv4} "
                               f"ip daddr {dst.ipv4} udp dport 9 drop\n")
     try:
-        with in_netns(dst.netns):
-            srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with in_netns(src.netns):
-            cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with srv, cl:
-            srv.bind((dst.ipv4, 9))
-            srv.settimeout(0.3)
+        with udp_pair(src.netns, dst.netns, dst.ipv4, 9, 0.3) as (srv, cl):
             before_a, before_b = _status(two.a, src.host_veth), _status(two.b, vx_b)
             for _ in range(20):
                 cl.sendto(b"blocked", (dst.ipv4, 9))
