@@ -24,6 +24,7 @@ from lab import mesh
 from lab.testbed import Pod, Testbed
 from node_helper import sockets
 from node_helper.kernel import in_netns
+from tests.meshbed import connect, meshed_testbed
 
 from .conftest import Bypass, delta, next_port
 from .streams import MAX_SIZE, Stream, client, serve
@@ -39,12 +40,8 @@ counters = Bypass.counters
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     """pod0, pod1, pod2: meshed (an Istio-style HAProxy sidecar each)."""
-    sockets.disable()
-    with Testbed.create(pods=3, mesh=True) as tb:
-        try:
-            yield tb
-        finally:
-            sockets.disable()
+    with meshed_testbed(pods=3) as tb:
+        yield tb
 
 
 @pytest.fixture
@@ -67,11 +64,6 @@ def listener(pod: Pod, port: int, backlog: int = 64,
     ls.listen(backlog)
     ls.settimeout(10)
     return ls
-
-
-def connect(pod: Pod, address: str, port: int) -> socket.socket:
-    with in_netns(pod.netns):
-        return socket.create_connection((address, port), timeout=10)
 
 
 # family -> (listener's family, the client's address of pod p, the server's peer address):

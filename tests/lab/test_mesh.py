@@ -28,6 +28,7 @@ from lab.bench import bench_mesh
 from lab.testbed import Pod, Testbed, run_in
 from node_helper import sockets
 from node_helper.kernel import in_netns
+from tests.meshbed import connect, meshed_testbed
 
 pytestmark = [
     pytest.mark.kernel,
@@ -40,12 +41,8 @@ _ports = itertools.count(21000)
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     """pod0, pod1: meshed clients and servers; pod2: meshed, its sidecar stopped by tests."""
-    sockets.disable()
-    with Testbed.create(pods=3, mesh=True) as tb:
-        try:
-            yield tb
-        finally:
-            sockets.disable()
+    with meshed_testbed(pods=3) as tb:
+        yield tb
 
 
 @pytest.fixture(params=["bypass off", "bypass on"])
@@ -74,11 +71,6 @@ def listener(netns_name: str, family: int = socket.AF_INET) -> Iterator[tuple[so
         yield ls, port
     finally:
         ls.close()
-
-
-def connect(pod: Pod, address: str, port: int) -> socket.socket:
-    with in_netns(pod.netns):
-        return socket.create_connection((address, port), timeout=10)
 
 
 def proxied(pod: Pod, want: int = 1, timeout: float = 5.0,
