@@ -102,6 +102,16 @@ class Cluster:
         self.custom.delete_namespaced_custom_object("kubevirt.io", "v1", ns,
                                                     "virtualmachineinstances", name)
 
+    def node(self, name: str, pod_cidrs: Iterable[str] = ()) -> None:
+        """A Node with spec.podCIDRs (what kube-controller-manager's IPAM gives it; it cannot
+        change once set)."""
+        cidrs = list(pod_cidrs)
+        spec = {"podCIDR": cidrs[0], "podCIDRs": cidrs} if cidrs else {}
+        self.v1.create_node({"metadata": {"name": name}, "spec": spec})
+
+    def delete_node(self, name: str) -> None:
+        self.v1.delete_node(name)
+
     def launcher(self, ns: str, vmi_name: str, vmi_uid: str, node: str,
                  ips: Iterable[str], name: str | None = None) -> tuple[str, str]:
         """The VMI's virt-launcher pod; (name, uid)."""

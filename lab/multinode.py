@@ -136,7 +136,8 @@ def _node(k: int, peer: int) -> Node:
                 *overlay_addresses(k))
 
 
-def _pod_subnets(bed: Testbed) -> list[str]:
+def pod_cidrs(bed: Testbed) -> list[str]:
+    """A node's pod subnets: what its Node object's spec.podCIDRs would say."""
     subnets = [bed.ipv4_cidr, bed.ipv6_cidr]
     if any(p.ipv4.startswith("10.252.") for p in bed.pods):
         subnets.insert(1, f"10.252.{bed.number}.0/24")
@@ -217,7 +218,7 @@ def join(a: Testbed, b: Testbed) -> Cluster:
             _add_vxlan(node, mtu)
         for node, peer, peer_bed in ((cluster.nodes[0], cluster.nodes[1], b),
                                      (cluster.nodes[1], cluster.nodes[0], a)):
-            node.routes = _pod_subnets(peer_bed)
+            node.routes = pod_cidrs(peer_bed)
             _program_peer(node, peer, node.routes)
             for key in FORWARDING:
                 write_sysctl(node.netns, key, "1")
@@ -382,9 +383,9 @@ def fastpath_add_vm(bed: Testbed, vm: Vm) -> None:
 
 
 def fastpath_node(bed: Testbed, peer: Testbed, cluster: Cluster) -> None:
-    """What node `bed`'s agent would program: its pods and VMs (netns guests), its VXLAN
-    device as the uplink, the peer's pods and VMs as the remote set; as that node's agent
-    instance (as_node)."""
+    """What node `bed`'s agent would program: its pods and VMs (netns guests), the peer's
+    pod CIDRs as the remote set and the device its routes take there (the VXLAN device) as
+    the uplink; as that node's agent instance (as_node)."""
     from node_helper import fastpath
 
     with as_node(bed.number):
@@ -393,6 +394,4 @@ def fastpath_node(bed: Testbed, peer: Testbed, cluster: Cluster) -> None:
         for vm in bed.vms:
             fastpath_add_vm(bed, vm)
         fastpath.add_uplink(bed.node_netns, cluster.node(bed.number).vxlan)
-        fastpath.set_remote([f"{p.ipv4}/32" for p in peer.pods] +
-                            [f"{p.ipv6}/128" for p in peer.pods] +
-                            [f"{vm.ipv4}/32" for vm in peer.vms])
+        fastpath.set_remote(pod_cidrs(peer))

@@ -100,7 +100,7 @@ class Agent:
         self._lock = threading.Lock()
         self._snapshots: dict[str, DesiredState] = {}
         self._wake = threading.Event()
-        self._desired: DesiredState = {}
+        self._desired = DesiredState()
         self._heartbeat = time.monotonic()
         self._swept = False
         self._last_report: dict[str, Any] | None = None
@@ -110,7 +110,7 @@ class Agent:
     def _publisher(self, name: str) -> Callable[[DesiredState], None]:
         def publish(state: DesiredState) -> None:
             with self._lock:
-                self._snapshots[name] = dict(state)
+                self._snapshots[name] = DesiredState(state, state.remote_pod_cidrs)
             self.metrics.events.labels(name).inc()
             self._wake.set()
         return publish
@@ -176,16 +176,22 @@ class Agent:
             return {s.name: s.name in self._snapshots for s in self.sources}
 
     def merged(self) -> DesiredState:
-        out: DesiredState = {}
+        """Every source's endpoints (the first source naming a UID wins) and the union of
+        their remote pod CIDRs."""
+        out = DesiredState()
+        remote: set[str] = set()
         with self._lock:
             for source in self.sources:
-                for uid, ep in self._snapshots.get(source.name, {}).items():
+                snapshot = self._snapshots.get(source.name, DesiredState())
+                remote.update(snapshot.remote_pod_cidrs)
+                for uid, ep in snapshot.items():
                     if uid in out:
                         log.warning("two sources name one pod; the first wins", extra={
                             "fields": {"event": "source_conflict", "uid": uid,
                                        "source": source.name}})
                         continue
                     out[uid] = ep
+        out.remote_pod_cidrs = tuple(sorted(remote))
         return out
 
     # --- health ---------------------------------------------------------------------

@@ -191,7 +191,8 @@ def cmd_fastpath(args: argparse.Namespace) -> int:
 
 def _kubernetes(args: argparse.Namespace) -> tuple[Any, Any]:
     """The Kubernetes source and the netns resolver (in-cluster credentials, else a
-    kubeconfig: --kubeconfig or $KUBECONFIG)."""
+    kubeconfig: --kubeconfig or $KUBECONFIG). With --node-fastpath the source also watches
+    the Nodes (the other nodes' pod CIDRs)."""
     from kubernetes import client, config
 
     from node_helper import netns_discovery
@@ -214,7 +215,8 @@ def _kubernetes(args: argparse.Namespace) -> tuple[Any, Any]:
     def find_netns(ep: Any) -> str:
         return netns_discovery.find_netns(ep.uid, ep.ips, kubelet_root=kubelet_root)
 
-    return KubernetesSource(node_name, client.ApiClient()), find_netns
+    return KubernetesSource(node_name, client.ApiClient(),
+                            watch_nodes=args.node_fastpath), find_netns
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:

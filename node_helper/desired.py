@@ -1,8 +1,9 @@
 """Desired state: which pods and VMs of this node want acceleration, and how.
 
 Every source of desired state (the static file, Kubernetes) produces the same thing: a
-`DesiredState`, one `Endpoint` per pod keyed by pod UID, and hands each new complete
-snapshot to `publish`. Sources know nothing of tc or eBPF; the reconciler knows nothing of
+`DesiredState`, one `Endpoint` per pod keyed by pod UID plus the pod CIDRs of the cluster's
+other nodes (for the node fast path across nodes), and hands each new complete snapshot to
+`publish`. Sources know nothing of tc or eBPF; the reconciler knows nothing of
 where the snapshot came from.
 
 Opt-in (the same keys everywhere; the hook sidecar uses the same prefix):
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,7 +76,17 @@ class Endpoint:
         return f"{self.namespace}/{self.name}"
 
 
-DesiredState = dict[str, Endpoint]  # pod UID -> Endpoint
+class DesiredState(dict[str, Endpoint]):
+    """Pod UID -> Endpoint for this node's pods, and `remote_pod_cidrs`: the pod CIDRs of the
+    cluster's other nodes (Node spec.podCIDRs; empty on a one-node cluster, or when the CNI
+    allocates addresses itself), where the node fast path sends frames across nodes."""
+
+    def __init__(self, endpoints: Mapping[str, Endpoint] | None = None,
+                 remote_pod_cidrs: Iterable[str] = ()) -> None:
+        super().__init__(endpoints or {})
+        self.remote_pod_cidrs: tuple[str, ...] = tuple(sorted(set(remote_pod_cidrs)))
+
+
 Publish = Callable[[DesiredState], None]
 
 
@@ -150,6 +161,20 @@ def parse_ports(value: object, what: str) -> tuple[int, ...]:
             raise SettingsError(f"{what}: {item!r} is not a port (1-65535, or all)")
         ports.append(port)
     return (0,) if 0 in ports else tuple(sorted(set(ports)))
+
+
+def valid_cidrs(values: Iterable[str], what: str) -> tuple[str, ...]:
+    """Networks, normalised ("10.244.2.0/24"); SettingsError names a malformed one."""
+    out = []
+    for value in values:
+        try:
+            if not isinstance(value, str):
+                raise TypeError(value)
+            out.append(str(ipaddress.ip_network(value)))
+        except (TypeError, ValueError):
+            raise SettingsError(f"{what}: {value!r} is not a network like 10.244.2.0/24 "
+                                "(host bits zero)") from None
+    return tuple(out)
 
 
 def bypass_opt_outs(state: DesiredState) -> list[tuple[str, int]]:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pyroute2 import NetNS
+from pyroute2.netlink.exceptions import NetlinkError
 
 from node_helper import bpf_abi, bpf_syscall, btf, kernel
 from node_helper import tc_netlink as tc
@@ -416,6 +417,33 @@ def _forget(index: int | None, done: dict[str, Any], keep_pins: bool) -> None:
             cnt, bpf_abi.layout("fp_dev_key").size))
     if not left and not keep_pins:
         unpin_all()
+
+
+RTN_UNICAST = 1
+
+
+def uplinks_for(node_netns: str | None, cidrs: list[str]) -> tuple[dict[str, list[str]],
+                                                                   list[str]]:
+    """The devices the node's routes send each of `cidrs` through ({device: [cidr, ...]},
+    from a route lookup of an address in it, as `ip route get` does), and the networks with
+    no unicast route (none yet, unreachable, or a local one)."""
+    routes: dict[str, list[str]] = {}
+    unrouted = []
+    with _netns(node_netns) as ns:
+        for cidr in cidrs:
+            net = ipaddress.ip_network(cidr)
+            probe = net.network_address + (1 if net.num_addresses > 1 else 0)
+            try:
+                found = ns.route("get", dst=str(probe))
+            except NetlinkError:  # ENETUNREACH, EHOSTUNREACH, ...
+                found = []
+            oif = found[0].get_attr("RTA_OIF") if found else None
+            links = ns.get_links(oif) if oif and found[0]["type"] == RTN_UNICAST else []
+            if links:
+                routes.setdefault(links[0].get_attr("IFLA_IFNAME"), []).append(cidr)
+            else:
+                unrouted.append(cidr)
+    return routes, unrouted
 
 
 def add_uplink(node_netns: str | None, device: str) -> dict[str, Any]:

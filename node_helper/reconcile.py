@@ -23,6 +23,12 @@ opted in (bypass pod or VM) gets node_helper.fastpath on its node-side veth, fou
 netns (a VM: its MAC as its launcher's bridge learned it, its addresses the pod's); what was
 applied is remembered per UID (the device); an endpoint that goes or opts out is taken off.
 After the first complete pass, `sweep` takes off devices no endpoint claims.
+Across nodes: while some endpoint of this node is on the fast path, the snapshot's
+`remote_pod_cidrs` (the other nodes' pod CIDRs) are its remote set, and the devices this node
+routes them through (the VXLAN device of a flannel-style CNI, the uplink of a routed one) get
+the program too, for frames arriving for a local endpoint. A remote network this node has no
+route to is reported and retried (a CNI programs a new node's route a little after the Node
+appears); the others are applied meanwhile.
 
 Failures: each endpoint (and the bypass) fails alone and is retried with exponential backoff
 (1 s doubling to BACKOFF_CAP); the others proceed. Endpoints with an `error` are reported
@@ -54,6 +60,7 @@ from node_helper.desired import (
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
 BYPASS_KEY = "<bypass>"
+REMOTE_KEY = "<fastpath-remote>"
 log = logging.getLogger("netaccel.reconcile")
 
 NetnsId = tuple[int, int]
@@ -86,6 +93,7 @@ class Datapaths(Protocol):
     def fastpath_add(self, netns: str, ep: Endpoint) -> str: ...
     def fastpath_remove(self, device: str) -> None: ...
     def fastpath_installed(self) -> list[str]: ...
+    def fastpath_remote(self, cidrs: list[str]) -> tuple[list[str], list[str]]: ...
 
 
 FASTPATH = "fastpath:"  # failure key prefix of an endpoint's fast path (its UID follows)
@@ -137,6 +145,8 @@ class Reconciler:
         self.vms: dict[str, AppliedVm] = {}
         self.fastpath = fastpath
         self.fastpaths: dict[str, tuple[str, str]] = {}  # uid -> (ident, node-side device)
+        self.remote: tuple[str, ...] = ()  # the remote set applied
+        self.uplinks: set[str] = set()  # the devices carrying it, with the program on them
         self.failures: dict[str, Failure] = {}
         self.invalid: dict[str, Endpoint] = {}
         self.bypass_attached, self.bypass_set = False, set[str]()
@@ -194,8 +204,9 @@ class Reconciler:
         self._opt_out(desired, invalid, result)
         self._vm(desired, invalid, resync, result)
         self._fastpath(desired, invalid, resync, result)
+        self._remote(desired, resync, result)
         # forget failures of endpoints nobody wants any more
-        for key in [k for k in self.failures if k != BYPASS_KEY
+        for key in [k for k in self.failures if k not in (BYPASS_KEY, REMOTE_KEY)
                     and k.removeprefix(FASTPATH) not in desired and k not in self.vms
                     and k.removeprefix(FASTPATH) not in self.fastpaths]:
             del self.failures[key]
@@ -321,6 +332,29 @@ class Reconciler:
                 self._ok(key, {"event": "fastpath_added", "uid": uid, "ident": ep.ident,
                                "device": device}, result)
 
+    def _remote(self, desired: DesiredState, resync: bool, result: PassResult) -> None:
+        want = desired.remote_pod_cidrs if self.fastpath and self.fastpaths else ()
+        if (want == self.remote and not resync and REMOTE_KEY not in self.failures) or \
+                not self._due(REMOTE_KEY) or not (want or self.remote or self.uplinks):
+            return
+        try:
+            uplinks, unrouted = self.dp.fastpath_remote(list(want))
+            for device in sorted(self.uplinks - set(uplinks)):
+                self.dp.fastpath_remove(device)
+                self.uplinks.discard(device)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(REMOTE_KEY, "fastpath_remote", "remote pod CIDRs", exc, result)
+            return
+        changed = (want, set(uplinks)) != (self.remote, self.uplinks)
+        self.remote, self.uplinks = want, set(uplinks)
+        if unrouted:
+            self._fail(REMOTE_KEY, "fastpath_remote", "remote pod CIDRs", LookupError(
+                f"this node has no route to {', '.join(unrouted)} (yet?): frames for them "
+                "take the CNI's path"), result)
+        elif changed or REMOTE_KEY in self.failures:
+            self._ok(REMOTE_KEY, {"event": "fastpath_remote", "cidrs": list(want),
+                                  "uplinks": sorted(uplinks)}, result)
+
     def _restore(self, applied: AppliedVm) -> None:
         if applied.netns_id is not None and self.dp.netns_id(applied.netns) == applied.netns_id:
             self.dp.vm_restore(applied.netns, applied.settings.interface)
@@ -334,8 +368,8 @@ class Reconciler:
 
         Claimed: every applied VM's namespace, and whatever the resolver finds for the
         endpoints that want a VM but failed, or that are invalid (left untouched); every
-        applied fast path device, and all of them while an endpoint's fast path failed (it
-        may claim one, not known before it succeeds)."""
+        applied fast path device and uplink, and all of them while an endpoint's fast path
+        or the remote set failed (it may claim one, not known before it succeeds)."""
         keep = {a.netns_id for a in self.vms.values()}
         for uid, ep in desired.items():
             if uid in self.vms or not (ep.vm or ep.error):
@@ -344,8 +378,8 @@ class Reconciler:
                 keep.add(self.dp.netns_id(self.resolve(ep)))
             except Exception:  # noqa: BLE001, S112 - unresolvable: it claims nothing
                 continue
-        claimed = {device for _ident, device in self.fastpaths.values()}
-        fastpath_failed = any(k.startswith(FASTPATH) for k in self.failures)
+        claimed = {device for _ident, device in self.fastpaths.values()} | self.uplinks
+        fastpath_failed = any(k.startswith(FASTPATH) or k == REMOTE_KEY for k in self.failures)
         undone = []
         for device in self.dp.fastpath_installed():
             if device not in claimed and not fastpath_failed and self._undo_unclaimed(
@@ -388,6 +422,7 @@ class Reconciler:
             "vms": {uid: a.as_dict() for uid, a in sorted(self.vms.items())},
             "fastpath": {uid: {"ident": ident, "device": device}
                          for uid, (ident, device) in sorted(self.fastpaths.items())},
+            "fastpath_remote": {"cidrs": list(self.remote), "uplinks": sorted(self.uplinks)},
             "invalid": {uid: {"ident": ep.ident, "error": ep.error}
                         for uid, ep in sorted(self.invalid.items())},
             "failures": {k: {"op": f.op, "ident": f.ident, "error": f.error,
@@ -525,7 +560,21 @@ class KernelDatapaths:
     def fastpath_installed(self) -> list[str]:
         from node_helper import fastpath
 
-        return [e["device"] for e in fastpath.status(None)["endpoints"] if e["addresses"]]
+        return [e["device"] for e in fastpath.status(None)["endpoints"]]
+
+    def fastpath_remote(self, cidrs: list[str]) -> tuple[list[str], list[str]]:
+        """The remote set = `cidrs`, the program on the devices the node routes them through;
+        returns (those devices, the networks with no route)."""
+        from node_helper import fastpath
+
+        routes, unrouted = fastpath.uplinks_for(None, cidrs)
+        if cidrs and not fastpath.program_pinned():
+            _in_child(_compile_fastpath_program)
+        if fastpath.program_pinned():  # else nothing is loaded, so no remote set to clear
+            fastpath.set_remote(cidrs)
+        for device in routes:
+            fastpath.add_uplink(None, device)
+        return sorted(routes), unrouted
 
 
 def summarize(desired: Iterable[Endpoint]) -> dict[str, int]:

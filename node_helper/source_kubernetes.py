@@ -6,6 +6,8 @@ watches three kinds, each in a thread of its own:
     pods        cluster-wide, field selector spec.nodeName=<node>
     VMIs        kubevirt.io/v1 virtualmachineinstances, label selector kubevirt.io/nodeName=<node>
     namespaces  all of them (their labels opt whole namespaces in)
+    nodes       all of them, only with `watch_nodes=True` (the agent's --node-fastpath): the
+                other nodes' spec.podCIDRs are the snapshot's `remote_pod_cidrs`
 
 and publishes a complete `DesiredState` (one `Endpoint` per pod UID) once the first list of
 each kind is in, then after every change (bursts coalesced: at most one publish per
@@ -111,10 +113,33 @@ def trim_namespace(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": meta.get("name", ""), "labels": dict(meta.get("labels") or {})}
 
 
+def trim_node(obj: Mapping[str, Any]) -> dict[str, Any]:
+    spec = obj.get("spec") or {}
+    cidrs = list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
+    return {"name": _meta(obj).get("name", ""), "pod_cidrs": cidrs}
+
+
+def remote_pod_cidrs(nodes: Mapping[str, Mapping[str, Any]], node_name: str) -> list[str]:
+    """The pod CIDRs of every node but `node_name` (a malformed one is logged and left out:
+    that node's pods take the CNI's path)."""
+    out = []
+    for name, node in nodes.items():
+        if name == node_name:
+            continue
+        for cidr in node["pod_cidrs"]:
+            try:
+                out.extend(desired.valid_cidrs([cidr], f"node {name} spec.podCIDRs"))
+            except SettingsError as exc:
+                log_event(logging.WARNING, "bad_pod_cidr", node=name, error=str(exc))
+    return out
+
+
 def endpoints(pods: Mapping[str, Mapping[str, Any]], vmis: Mapping[str, Mapping[str, Any]],
-              namespaces: Mapping[str, Mapping[str, Any]]) -> DesiredState:
-    """The desired state from trimmed pods (by uid), VMIs (by uid) and namespaces (by name)."""
-    state: DesiredState = {}
+              namespaces: Mapping[str, Mapping[str, Any]],
+              remote: tuple[str, ...] | list[str] = ()) -> DesiredState:
+    """The desired state from trimmed pods (by uid), VMIs (by uid) and namespaces (by name),
+    with `remote` as its remote_pod_cidrs."""
+    state = DesiredState(remote_pod_cidrs=remote)
     for uid, pod in pods.items():
         if not pod["ips"] or pod["host_network"] or pod["phase"] in ("Succeeded", "Failed"):
             continue
@@ -229,7 +254,7 @@ class KubernetesSource:
     def __init__(self, node_name: str, api_client: Any, *, min_interval: float = 0.05,
                  backoff_initial: float = 0.2, backoff_max: float = 30.0,
                  watch_timeout: int = 300, connect_timeout: float = 10.0,
-                 forbidden_grace: float = 30.0) -> None:
+                 forbidden_grace: float = 30.0, watch_nodes: bool = False) -> None:
         from kubernetes import client
 
         if not node_name:
@@ -261,6 +286,11 @@ class KubernetesSource:
             _Kind("namespaces", "namespaces", "cluster-wide", core.list_namespace,
                   trim_namespace, lambda o: _meta(o).get("name", "")),
         ]
+        self._nodes: _Kind | None = None
+        if watch_nodes:
+            self._nodes = _Kind("nodes", "nodes", "cluster-wide", core.list_node, trim_node,
+                                lambda o: _meta(o).get("name", ""))
+            self._kinds.append(self._nodes)
         self._core = core
         self._cond = threading.Condition()
         self._dirty = False
@@ -315,7 +345,7 @@ class KubernetesSource:
                     break
                 with self._cond:
                     self._dirty = False
-                    state = endpoints(*(kind.items for kind in self._kinds))
+                    state = self._snapshot()
                 last_publish = time.monotonic()
                 publish(state)
                 self.stats["publishes"] += 1
@@ -333,6 +363,11 @@ class KubernetesSource:
             raise self._fatal
 
     # -- internals ------------------------------------------------------------------------
+
+    def _snapshot(self) -> DesiredState:
+        pods, vmis, namespaces = (kind.items for kind in self._kinds[:3])
+        remote = remote_pod_cidrs(self._nodes.items, self.node_name) if self._nodes else []
+        return endpoints(pods, vmis, namespaces, remote)
 
     def _synced(self) -> bool:
         return all(kind.synced for kind in self._kinds)

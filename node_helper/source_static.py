@@ -13,12 +13,16 @@
           checksum: keep                            # keep (default) | off
           interface: eth0                           # the pod interface (default eth0)
 
+    remote_pod_cidrs: [10.244.2.0/24, fd00:10:244:2::/64]   # other nodes' pod CIDRs (the node
+                                                            # fast path across nodes)
+
 `vm: true` means a VM with the defaults; `vm: false`, `vm: null` or no `vm` key means none.
 An empty file, or `pods: []`, is a node where nothing wants acceleration.
 
 The file is polled (mtime, size and inode, every POLL_INTERVAL seconds; an editor's
 rename-over counts) and every change publishes a complete new snapshot. A file that cannot
-be read or parsed, or whose top level is not `pods: [...]`, is logged and ignored: the last
+be read or parsed, whose top level is not `pods: [...]` (and `remote_pod_cidrs`), or whose
+`remote_pod_cidrs` holds something that is not a network, is logged and ignored: the last
 good snapshot stays in force (before the first good one nothing is published, so the agent
 is not ready). A malformed entry becomes an Endpoint whose `error` says what is wrong (key
 `static:<index>` when it has no usable uid); the reconciler reports it and leaves that pod
@@ -116,13 +120,20 @@ def parse(text: str) -> DesiredState:
     except yaml.YAMLError as exc:
         raise FileError(f"not valid YAML: {exc}") from None
     if doc is None:
-        return {}
-    if not isinstance(doc, dict) or set(doc) - {"pods"}:
-        raise FileError("the top level must be a mapping with the one key `pods`")
+        return DesiredState()
+    if not isinstance(doc, dict) or set(doc) - {"pods", "remote_pod_cidrs"}:
+        raise FileError("the top level must be a mapping with the keys `pods` (and "
+                        "`remote_pod_cidrs`)")
     pods = doc.get("pods") or []
     if not isinstance(pods, list):
         raise FileError(f"pods must be a list, not {type(pods).__name__}")
-    state: DesiredState = {}
+    remote = doc.get("remote_pod_cidrs") or []
+    if not isinstance(remote, list):
+        raise FileError(f"remote_pod_cidrs must be a list of networks, not {remote!r}")
+    try:
+        state = DesiredState(remote_pod_cidrs=desired.valid_cidrs(remote, "remote_pod_cidrs"))
+    except SettingsError as exc:
+        raise FileError(str(exc)) from None
     for index, entry in enumerate(pods):
         ep = parse_entry(entry, index)
         if ep.uid in state:

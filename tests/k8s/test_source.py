@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -198,6 +199,37 @@ def test_rbac_yaml_service_account_can_run_the_source(
                      and has(launcher_uid, vm=VmSettings())(s), what="as the ServiceAccount")
         assert src.source.stats["errors"] == 0
         src.stop()
+
+
+def test_other_nodes_pod_cidrs_as_the_service_account(
+        apiserver: APIServer, admin: client.ApiClient, cluster: Cluster,
+        run_source: Callable[..., Running]) -> None:
+    """With watch_nodes (the agent's --node-fastpath): every other node's spec.podCIDRs."""
+    apply_rbac(admin, _rbac_docs())
+    me, peer, dual, bare = (unique(n) for n in ("me", "peer", "dual", "bare"))
+    own, peer4 = "10.250.1.0/24", "10.250.2.0/24"
+    dual_stack = ("10.250.3.0/24", "fd00:10:250:3::/64")
+    try:
+        cluster.node(me, [own])
+        cluster.node(peer, [peer4])
+        cluster.node(bare)  # no podCIDRs: the CNI allocates addresses itself
+        token = service_account_token(admin, "netaccel", "netaccel-node-helper", 600)
+        with api_client(apiserver, token) as agent:
+            plain = run_source(me, agent)
+            src = run_source(me, agent, watch_nodes=True)
+            state = src.wait_for(lambda s: peer4 in s.remote_pod_cidrs, what="with the peer")
+            assert own not in state.remote_pod_cidrs
+            cluster.node(dual, dual_stack)
+            src.wait_for(lambda s: set(dual_stack) <= set(s.remote_pod_cidrs), what="dual")
+            cluster.delete_node(peer)
+            state = src.wait_for(lambda s: peer4 not in s.remote_pod_cidrs, what="peer gone")
+            assert set(dual_stack) <= set(state.remote_pod_cidrs)
+            assert plain.wait_for(lambda s: True).remote_pod_cidrs == ()  # not asked: none
+            assert src.source.stats["errors"] == 0
+    finally:
+        for name in (me, peer, dual, bare):
+            with contextlib.suppress(client.ApiException):
+                cluster.delete_node(name)
 
 
 def test_report_posts_an_event_on_the_pod_as_the_service_account(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from node_helper.agent import Agent, JsonFormatter
-from node_helper.desired import Endpoint, VmSettings
+from node_helper.desired import DesiredState, Endpoint, VmSettings
 from node_helper.metrics import parse_bind
 from node_helper.reconcile import Reconciler
 from node_helper.source_static import FileError, StaticSource, parse
@@ -42,6 +42,12 @@ def test_static_format() -> None:
     assert state["v"].vm == VmSettings("mirror", "off", "pod0123456789a")
     assert state["w"].vm == VmSettings() and not state["w"].bypass
     assert parse("") == {} and parse("pods: []") == {}
+    assert parse(GOOD).remote_pod_cidrs == ()
+
+
+def test_static_remote_pod_cidrs_normalised() -> None:
+    state = parse("remote_pod_cidrs: [10.244.2.0/24, 'fd00:10:244:2:0::/64']\npods: []")
+    assert state.remote_pod_cidrs == ("10.244.2.0/24", "fd00:10:244:2::/64")
 
 
 @pytest.mark.parametrize(("entry", "error"), [
@@ -67,7 +73,9 @@ def test_static_duplicate_uid() -> None:
     assert state["a"].error is None and "already used" in state["static:1"].error
 
 
-@pytest.mark.parametrize("text", ["pods: [unclosed", "- a list", "pods: 3", "pod: []"])
+@pytest.mark.parametrize("text", ["pods: [unclosed", "- a list", "pods: 3", "pod: []",
+                                  "remote_pod_cidrs: 10.2.0.0/24", "remote_pod_cidrs: [3]",
+                                  "remote_pod_cidrs: [10.2.0.1/24]"])
 def test_static_malformed_file(text: str) -> None:
     with pytest.raises(FileError):
         parse(text)
@@ -166,6 +174,17 @@ class FakeKernel:
     def fastpath_installed(self) -> list[str]:
         return sorted(self.fastpaths)
 
+    def fastpath_remote(self, cidrs: list[str]) -> tuple[list[str], list[str]]:
+        """Routes: 10.251.* via vx1, fd00:6e61:* via vx1, 10.252.* via eth9; else none."""
+        self.calls.append(("fastpath_remote", tuple(cidrs)))
+        if "remote" in self.fail:
+            raise OSError("map gone")
+        self.remote = list(cidrs)
+        via = {"10.251": "vx1", "fd00:6e61": "vx1", "10.252": "eth9"}
+        uplinks = {dev for c in cidrs for prefix, dev in via.items() if c.startswith(prefix)}
+        self.fastpaths |= uplinks
+        return sorted(uplinks), [c for c in cidrs if not any(map(c.startswith, via))]
+
 
 class Clock:
     def __init__(self) -> None:
@@ -180,8 +199,8 @@ def ep(uid: str, ips: tuple[str, ...] = (), bypass: bool = False, vm: str | None
     return Endpoint(uid, "n", uid, ips, bypass, VmSettings(**vm_kw) if vm else None, vm, error)
 
 
-def state(*eps: Endpoint) -> dict[str, Endpoint]:
-    return {e.uid: e for e in eps}
+def state(*eps: Endpoint, remote: tuple[str, ...] = ()) -> DesiredState:
+    return DesiredState({e.uid: e for e in eps}, remote)
 
 
 def test_bypass_set_in_place_and_kept_attached_when_empty() -> None:
@@ -282,11 +301,12 @@ def test_agent_merges_sources_first_wins() -> None:
             pass
 
     agent = Agent([Src("one"), Src("two")], datapaths=FakeKernel(), metrics_bind=None)
-    agent._publisher("two")(state(ep("a", bypass=True), ep("b")))
+    agent._publisher("two")(state(ep("a", bypass=True), ep("b"), remote=("10.2.0.0/24",)))
     assert agent.synced() == {"one": False, "two": True}
-    agent._publisher("one")(state(ep("a")))
+    agent._publisher("one")(state(ep("a"), remote=("10.3.0.0/24", "10.2.0.0/24")))
     merged = agent.merged()
     assert not merged["a"].bypass and set(merged) == {"a", "b"}
+    assert merged.remote_pod_cidrs == ("10.2.0.0/24", "10.3.0.0/24")  # the union
     with pytest.raises(ValueError):
         Agent([Src("x"), Src("x")], metrics_bind=None)
 
@@ -349,3 +369,45 @@ def test_fastpath_failure_is_retried_and_keeps_the_device_from_the_sweep() -> No
     assert r.sweep(state(fp_ep("a", "ns1"))) == ["veth-ns9"]
     assert k.fastpaths == {"veth-ns1"}
 
+
+
+def test_remote_pod_cidrs_and_their_uplinks_follow_the_snapshot() -> None:
+    k, clock = FakeKernel(), Clock()
+    r = Reconciler(k, clock=clock, fastpath=True)
+    a = fp_ep("a", "ns1")
+    r.reconcile(state(remote=("10.251.2.0/24",)))  # no local endpoint: nothing to do
+    assert not [c for c in k.calls if c[0] == "fastpath_remote"]
+    r.reconcile(state(a, remote=("10.251.2.0/24", "fd00:6e61:2::/64")))
+    assert k.remote == ["10.251.2.0/24", "fd00:6e61:2::/64"] and "vx1" in k.fastpaths
+    assert r.report({})["fastpath_remote"] == {
+        "cidrs": ["10.251.2.0/24", "fd00:6e61:2::/64"], "uplinks": ["vx1"]}
+    k.calls.clear()
+    r.reconcile(state(a, remote=("10.251.2.0/24", "fd00:6e61:2::/64")))
+    assert k.calls == []  # unchanged: no call
+    # a node whose route is not there yet: reported, the rest applied, retried
+    result = r.reconcile(state(a, remote=("10.251.2.0/24", "10.99.0.0/24")))
+    assert [e["op"] for e in result.errors] == ["fastpath_remote"]
+    assert "10.99.0.0/24" in result.errors[0]["error"] and k.remote[0] == "10.251.2.0/24"
+    assert r.sweep(state(a)) == []  # a failure keeps every device from the sweep
+    clock.now += 1.0
+    r.reconcile(state(a, remote=("10.252.3.0/24",)))  # routed through another device
+    assert k.remote == ["10.252.3.0/24"] and ("fastpath_remove", "vx1") in k.calls
+    assert "vx1" not in k.fastpaths and "eth9" in k.fastpaths and not r.failures
+    assert r.sweep(state(a)) == []  # the uplink is claimed
+    r.reconcile(state())  # the last endpoint went: the remote set and uplinks go too
+    assert k.remote == [] and k.fastpaths == set()
+    assert r.report({})["fastpath_remote"] == {"cidrs": [], "uplinks": []}
+
+
+def test_a_remote_failure_is_retried_with_backoff() -> None:
+    k, clock = FakeKernel(), Clock()
+    r = Reconciler(k, clock=clock, fastpath=True)
+    k.fail.add("remote")
+    result = r.reconcile(state(fp_ep("a", "ns1"), remote=("10.251.2.0/24",)))
+    assert [e["op"] for e in result.errors] == ["fastpath_remote"]
+    r.reconcile(state(fp_ep("a", "ns1"), remote=("10.251.2.0/24",)))
+    assert len([c for c in k.calls if c[0] == "fastpath_remote"]) == 1  # not due yet
+    k.fail.clear()
+    clock.now += 1.0
+    r.reconcile(state(fp_ep("a", "ns1"), remote=("10.251.2.0/24",)))
+    assert k.remote == ["10.251.2.0/24"] and not r.failures
