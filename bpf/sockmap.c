@@ -111,11 +111,14 @@
  *     a SOCKHASH (verifier: "cannot update sockmap in this context"), which
  *     is why a miss marks the sender instead of removing it.
  *  5. Disable (user space): sock_ops is detached first (no new inserts), then
- *     sk_msg from the sockhash, then everything is unpinned; when the map's
- *     last reference goes, each remaining socket leaves the bypass, which is
- *     the order-safe switch of rule 4.  Data already redirected but unread
- *     stays readable (tests/kernel/test_bypass_integrity.py stops the bypass
- *     under 12 running streams and checks every byte).  Known defect
+ *     sk_msg from the sockhash, then everything is unpinned.  That does NOT
+ *     switch live connections: each bypassed socket's psock keeps its own
+ *     reference to this sk_msg program (detaching only changes the map's
+ *     progs), and the program keeps the sockhash (its used maps), so the map
+ *     outlives its pins and existing sockets stay bypassed, flow control and
+ *     all, until they close; the map goes with the last of them
+ *     (tests/kernel/test_bypass_switch.py).  Data already redirected but unread
+ *     stays readable because nothing is released.  Known defect
  *     (docs/bypass-kernel.md, "switching with bytes queued"): a reader waiting
  *     while its direction switches with bytes queued was seen to get EAGAIN on
  *     a blocking socket, and a proxy to see end of file early.

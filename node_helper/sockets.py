@@ -5,7 +5,9 @@
                    sockhash; idempotent.
     set_flow_limits(node_mem_limit_pages=, rcv_floor_bytes=)
                    change the flow-control settings of the running bypass (config map).
-    disable()      detach and unpin everything of ours; safe when nothing is enabled.
+    disable()      detach and unpin everything of ours; safe when nothing is enabled. Live
+                   connections stay bypassed until they close (the sockhash lives on in
+                   their psocks, through the sk_msg program).
     status()       counters and the accelerated set, read from the pinned maps (any process).
 
 All state lives in the kernel: the attachments are legacy BPF_PROG_ATTACH ones, which outlive
@@ -249,9 +251,10 @@ def _cleanup(cgroup_fd: int | None) -> None:
     for prog_id in _ours_on_cgroup(cgroup_fd) if cgroup_fd is not None else []:
         with contextlib.suppress(OSError), closing(prog_fd_by_id(prog_id)) as fd:
             prog_detach(cgroup_fd, fd, BPF_CGROUP_SOCK_OPS)
-    # 2. Take the sk_msg program off the sockhash, then let the map go. Sockets still in it
-    #    leave the bypass when the last reference to the map is dropped; their already
-    #    redirected data stays readable (tests/kernel/test_bypass.py checks it).
+    # 2. Take the sk_msg program off the sockhash, then let the map go. Sockets already in it
+    #    stay bypassed until they close: each one's psock holds the sk_msg program, which
+    #    holds the map (tests/kernel/test_bypass_switch.py), so their queued data is never
+    #    released here. Deleting them one by one instead would lose it (sockmap.c, rule 11).
     with contextlib.suppress(OSError), closing(obj_get(PIN_DIR / "map_socks")) as socks_fd:
         with contextlib.suppress(OSError), closing(obj_get(PIN_DIR / "prog_msg")) as msg_fd:
             prog_detach(socks_fd, msg_fd, BPF_SK_MSG_VERDICT)
