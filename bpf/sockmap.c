@@ -263,9 +263,20 @@
  *         drained_ts > T (twice), the queue was empty after b, so it is empty for good; it
  *         deletes X's key (the cookie checked just before: not a reused 4-tuple).
  *     If X stops sending or never reads what Y sent, c never holds: the candidate is
- *     abandoned after 30 s, X stays bypassed and Y->X on TCP (both order-safe).  Y is never
- *     removed (it may hold X's unread bytes).  A demoted socket never returns: it passed
- *     ESTABLISHED once (rule 2); its storage keeps `demoting`, its entry `demoted`.
+ *     abandoned after 30 s, X stays bypassed and Y->X on TCP (both order-safe).
+ *      d. The survivor leaves too.  Y, moved to TCP by X's `demoted` (step a), qualifies
+ *         itself the same way (fall_back_and_leave): its own entry says `demoted`, so X's
+ *         next redirect takes TCP (X->Y is then order-safe by rule 4: X's earlier bytes wait
+ *         in Y's queue), and Y is a candidate under the same steps b-c: it is deleted only
+ *         once its own queue, X's last redirected bytes, was seen empty after no redirect of
+ *         X was in flight.  Why: a socket left in the sockhash with both directions on TCP
+ *         still reads through tcp_bpf_recvmsg, which waits once and returns EAGAIN on a
+ *         wake-up that finds no data (the socket's own TCP sends wake its wait queue), even
+ *         on a blocking socket (docs/bypass-kernel.md, "switching with bytes queued"); out
+ *         of the sockhash its reads are tcp_recvmsg's.  Y reports its queue only while it
+ *         sends (its sk_msg runs then): a Y that never sends again stays, as before.
+ *     A demoted socket never returns: it passed ESTABLISHED once (rule 2); its storage keeps
+ *     `demoting`, its entry `demoted`.
  *     Limits: a 4-tuple reused between the cookie check and the delete (microseconds) would
  *     remove the new socket; a reader that splices Y within 1 s of X's removal sees X's
  *     last `pending` (X never runs a verdict again to clear it) and is reset, not corrupted.
@@ -1014,8 +1025,8 @@ int NA_PROG_MSG(struct sk_msg_md *msg)
 	__sync_lock_test_and_set(&pv->pending, 1);
 	if (*(volatile __u64 *)&pv->splice_block)
 		return fall_back(st, cnt, pv, FB_SPLICE);
-	if (*(volatile __u64 *)&pv->demoted)
-		return fall_back(st, cnt, pv, FB_DEMOTE);
+	if (*(volatile __u64 *)&pv->demoted)  /* rule 11, d: and we leave the sockhash too */
+		return fall_back_and_leave(st, cfg, cnt, pv, FB_DEMOTE);
 	verdict = netaccel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (verdict == SK_PASS) {
 		cnt->redirected_msgs++;

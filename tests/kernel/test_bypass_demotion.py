@@ -249,3 +249,66 @@ def test_request_response_and_large_stay_bypassed(testbed: Testbed, bypass: Bypa
             th.join(5)
             ls.close()
             bypass.off()
+
+
+def _keys_of(ports: set[int]) -> list[bytes]:
+    return [key for key in sockets.socket_keys()
+            if {sockets.SOCK_KEY.unpack(key)["lport"], sockets.SOCK_KEY.unpack(key)["rport"]}
+            == ports]
+
+
+def test_after_a_demotion_both_sockets_leave(testbed: Testbed, bypass: Bypass) -> None:
+    """X streams small messages one-way and qualifies. When Y next sends, its direction moves
+    to TCP and Y qualifies too (sockmap.c rule 11 d); once each one's queue was seen empty,
+    both are out of the sockhash (their reads are plain TCP's: no tcp_bpf EAGAIN). Every byte
+    of both directions arrives in order."""
+    p0, p1 = testbed.pods[:2]
+    bypass.on()
+    ls = listen(p1, "ipv4", next_port())
+    stop = threading.Event()
+    demoter = demote.Demoter()
+    th = threading.Thread(target=demote.run, args=(stop,),
+                          kwargs={"interval": 0.01, "demoter": demoter})
+    th.start()
+    try:
+        x = client_socket(p0, "ipv4")
+        x.settimeout(30)
+        x.connect(target(p1, "ipv4", ls.getsockname()[1]))
+        y, _ = ls.accept()
+        y.settimeout(30)
+        with x, y:
+            ports = {x.getsockname()[1], y.getsockname()[1]}
+            assert len(_keys_of(ports)) == 2
+            before = bypass.counters()
+            rng, sent, got = random.Random(5), 0, bytearray()
+            reader = threading.Thread(target=lambda: got.extend(_recv_exact(y, 1 << 20)))
+            reader.start()
+            while sent < 1 << 20:  # 1 MiB in small one-way messages: X qualifies
+                n = min(rng.randint(1, 300), (1 << 20) - sent)
+                x.sendall(pattern(sent, n))
+                sent += n
+            reader.join(30)
+            assert len(got) == sent and all(got[i:i + 60000] == pattern(i, len(got[i:i + 60000]))
+                                            for i in range(0, sent, 60000))
+            assert delta(before, bypass.counters())["demote_candidates"] == 1
+            # Both talk now; each one's sends let its sk_msg report its (empty) queue.
+            rounds, deadline = 0, time.monotonic() + 10
+            while _keys_of(ports) and time.monotonic() < deadline:
+                y.sendall(pattern(rounds, 100))
+                assert _recv_exact(x, 100) == pattern(rounds, 100)
+                x.sendall(pattern(rounds + 1, 100))
+                assert _recv_exact(y, 100) == pattern(rounds + 1, 100)
+                rounds += 1
+                time.sleep(0.01)
+            assert _keys_of(ports) == [], "a socket is still in the sockhash after 10 s"
+            d = delta(before, bypass.counters())
+            # X's own direction moved by Y's mark (2), or X had left already (1)
+            assert d["demote_candidates"] == 2 and d["fallback_dirs_demote"] in (1, 2), d
+            assert demoter.demoted == 2, demoter.reasons
+            y.sendall(b"after")
+            assert _recv_exact(x, 5) == b"after"
+    finally:
+        stop.set()
+        th.join(5)
+        ls.close()
+        bypass.off()
