@@ -9,7 +9,8 @@ Used by the tests, the demo and the benchmarks alike. One testbed is:
                               10.252.<k>.1/24 and the node netns routes between the two)
     VM launcher na<k>-vm<j>   KubeVirt bridge binding: k6t-eth0 bridge, eth0-nic veth (peer vm<j>
                               on br0), dummy eth0 with the VM's IP, tap0 towards the guest
-    VM guest    na<k>-vm<j>g  (netns guest) eth0 with the VM's IP 10.251.<k>.<100+j>; its peer in
+    VM guest    na<k>-vm<j>g  (netns guest) eth0 with the VM's IPs 10.251.<k>.<100+j> and
+                              fd00:6e61:<k>::<100+j in hex>/64 (on-link); its peer in
                               the launcher is tap0, a veth standing in for QEMU's tap and marked
                               with the alias TAP_STANDIN_ALIAS.
        or       (none)        (no guest) tap0 is a real tun/tap with nothing behind it (alias
@@ -141,6 +142,7 @@ class Vm:
     uid: str = ""  # with kubelet_root: the launcher pod's UID, cgroup and command socket
     cgroup: str = ""
     launcher_socket: str = ""
+    ipv6: str = ""  # a netns guest's (a QEMU guest gets only its IPv4 address by DHCP)
 
 
 def _addresses(k: int, host: int) -> tuple[str, str]:
@@ -324,12 +326,13 @@ class Testbed:
         return Pod(f"pod{i}", f"{PREFIX}{self.number}-pod{i}", v4, v6, f"pod{i}")
 
     def _vm(self, j: int, guest_netns: str | None, kind: str) -> Vm:
-        v4, _ = _addresses(self.number, 100 + j)
+        v4, v6 = _addresses(self.number, 100 + j)
         return Vm(
             name=f"vm{j}",
             launcher_netns=f"{PREFIX}{self.number}-vm{j}",
             guest_netns=guest_netns,
             ipv4=v4,
+            ipv6=v6 if kind == "netns" else "",
             host_veth=f"vm{j}",
             guest_kind=kind,
         )
@@ -412,6 +415,7 @@ class Testbed:
         with NetNS(vm.guest_netns) as ns:
             eth0 = ns.link_lookup(ifname="eth0")[0]
             ns.addr("add", index=eth0, address=vm.ipv4, prefixlen=24)
+            ns.addr("add", index=eth0, address=vm.ipv6, prefixlen=64)
             ns.link("set", index=eth0, state="up")
         self.vms.append(vm)
 

@@ -78,14 +78,17 @@ def test_a_one_way_udp_stream_goes_fast_from_its_second_datagram(bed: Testbed) -
     assert d["ct_misses"] == 1 and d["fast_packets"] == 199, d
 
 
-def test_vm_to_pod_and_vm_to_vm(bed: Testbed) -> None:
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_vm_to_pod_and_vm_to_vm(bed: Testbed, family: str) -> None:
     vm0, vm1 = bed.vms
     p0 = bed.pods[0]
+    ip = {"p0": p0.ipv4, "vm0": vm0.ipv4, "vm1": vm1.ipv4} if family == "ipv4" else \
+        {"p0": p0.ipv6, "vm0": vm0.ipv6, "vm1": vm1.ipv6}
     before = {d: counters(bed.node_netns, d) for d in (vm0.host_veth, vm1.host_veth, p0.host_veth)}
     bridged0 = cni.bridged(bed.node_netns)
-    assert udp_echo(vm0.guest_netns, p0.netns, p0.ipv4, 60) == 60
-    assert udp_echo(vm0.guest_netns, vm1.guest_netns, vm1.ipv4, 60) == 60
-    tcp_bulk(vm1.guest_netns, vm0.guest_netns, vm0.ipv4, 2 << 20)
+    assert udp_echo(vm0.guest_netns, p0.netns, ip["p0"], 60) == 60
+    assert udp_echo(vm0.guest_netns, vm1.guest_netns, ip["vm1"], 60) == 60
+    tcp_bulk(vm1.guest_netns, vm0.guest_netns, ip["vm0"], 2 << 20)
     after = {d: counters(bed.node_netns, d) for d in before}
     fast = {d: after[d]["fast_packets"] - before[d]["fast_packets"] for d in before}
     fast_bytes = {d: after[d]["fast_bytes"] - before[d]["fast_bytes"] for d in before}
