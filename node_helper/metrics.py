@@ -14,7 +14,8 @@ Metrics (read from the kernel at scrape time, so they are right after an agent r
     netaccel_vm_datapath_bytes_total{direction}    (and bridge_passed), summed over the VMs;
                                                    with per_vm, one series per VM (labels
                                                    namespace, pod) instead
-    netaccel_fastpath_endpoints                    devices on the node fast path
+    netaccel_fastpath_endpoints                    devices on the node fast path (endpoints'
+                                                   node-side veths and uplinks)
     netaccel_fastpath_packets_total{result}        what their frames did, summed: fast, remote
                                                    (to another node), passed (kernel path),
                                                    ct_miss (of those: not judged yet)
@@ -167,7 +168,8 @@ class AgentMetrics:
                               ["source"], registry=self.registry)
         self.errors = Counter("netaccel_reconcile_errors", "failed reconcile operations",
                               ["op"], registry=self.registry)
-        for op in ("bypass", "vm_accelerate", "vm_restore", "fastpath_add", "fastpath_remove"):
+        for op in ("bypass", "vm_accelerate", "vm_restore", "fastpath_add", "fastpath_remove",
+                   "fastpath_remote"):
             self.errors.labels(op)  # present (at 0) before the first error
         self.splice_resets = Counter("netaccel_splice_resets", "connections the splice "
                                      "guard reset (a reader spliced bytes it could not see)",
