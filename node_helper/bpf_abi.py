@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import re
 import struct
 from dataclasses import dataclass
@@ -21,6 +22,16 @@ from typing import Any
 from node_helper import bpf_syscall, kernel
 
 HEADER = "netaccel_abi.h"
+
+
+def source_digest(source: str, cflags: list[str]) -> str:
+    """16 hex digits over a program's source, this header and the cflags: the name of its
+    pin, so a pinned program is reused only when all three are the same."""
+    h = hashlib.sha256()
+    for name in (source, HEADER):
+        h.update(kernel.bpf_source(name).read_bytes())
+    h.update("\0".join(cflags).encode())
+    return h.hexdigest()[:16]
 _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
 _STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{(.*?)\};", re.S)
 _FIELD_RE = re.compile(r"^(__u8|__u16|__u32|__u64)\s+(\w+)(?:\[(\w+)\])?;$")

@@ -30,7 +30,6 @@ Changes are serialised between processes by kernel.lock_file("fastpath").
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import socket
 import struct
@@ -99,11 +98,7 @@ def _cflags() -> list[str]:
 
 
 def _digest(cflags: list[str]) -> str:
-    h = hashlib.sha256()
-    for name in (SOURCE, bpf_abi.HEADER):
-        h.update(kernel.bpf_source(name).read_bytes())
-    h.update("\0".join(cflags).encode())
-    return h.hexdigest()[:16]
+    return bpf_abi.source_digest(SOURCE, cflags)
 
 
 def program_pinned() -> bool:

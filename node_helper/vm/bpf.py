@@ -18,7 +18,6 @@ kernel.lock_file("vm"); reading (status) needs neither the lock nor bcc.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import socket
 import struct
@@ -104,11 +103,7 @@ def prog_name() -> str:
 
 
 def _digest(cflags: list[str]) -> str:
-    h = hashlib.sha256()
-    for name in (SOURCE, bpf_abi.HEADER):
-        h.update(kernel.bpf_source(name).read_bytes())
-    h.update("\0".join(cflags).encode())
-    return h.hexdigest()[:16]
+    return bpf_abi.source_digest(SOURCE, cflags)
 
 
 def program_pinned() -> bool:
