@@ -9,10 +9,12 @@ one-way streams at random moments (forced deletions). Every byte is checked in o
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,10 +22,40 @@ import pytest
 from lab.testbed import Testbed
 from node_helper import demote, sockets
 
-from .conftest import FAMILIES, Bypass, client_socket, delta, listen, next_port, target
+from .conftest import (
+    FAMILIES,
+    Bypass,
+    client_socket,
+    connected_pair,
+    delta,
+    listen,
+    next_port,
+    target,
+)
 from .streams import pattern
 
 pytestmark = pytest.mark.kernel
+@contextlib.contextmanager
+def _demoter() -> Iterator[demote.Demoter]:
+    """The real demoter in a thread, polling every 10 ms, while the block runs."""
+    stop = threading.Event()
+    demoter = demote.Demoter()
+    th = threading.Thread(target=demote.run, args=(stop,),
+                          kwargs={"interval": 0.01, "demoter": demoter})
+    th.start()
+    try:
+        yield demoter
+    finally:
+        stop.set()
+        th.join(5)
+
+
+def _is_pattern(got: bytes) -> bool:
+    """`got` is the stream pattern from offset 0 (compared in slices pattern() can give)."""
+    return all(got[i:i + 60000] == pattern(i, len(got[i:i + 60000]))
+               for i in range(0, len(got), 60000))
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -125,9 +157,7 @@ class Conn:
             n = self.rng.randint(1, 300)
             x.sendall(pattern(sent, n))
             sent += n
-        got = _recv_exact(y, sent)
-        if any(got[i:i + 60000] != pattern(i, len(got[i:i + 60000]))
-               for i in range(0, sent, 60000)):
+        if not _is_pattern(_recv_exact(y, sent)):
             raise AssertionError("mixed: wrong stream")
         self._ping_pong(x, y, self.rng.randint(5, 50))
 
@@ -214,40 +244,24 @@ def test_request_response_and_large_stay_bypassed(testbed: Testbed, bypass: Bypa
     p0, p1 = testbed.pods[:2]
     for policy, want in (("default", 1), ("always", 0)):
         bypass.on(policy=policy)
-        ls = listen(p1, "ipv4", next_port())
-        stop = threading.Event()
-        demoter = demote.Demoter()
-        th = threading.Thread(target=demote.run, args=(stop,),
-                              kwargs={"interval": 0.01, "demoter": demoter})
-        th.start()
         try:
-            before = bypass.counters()
-            for kind in ("rr", "big", "stream"):
-                conn = Conn(kind, "ipv4", 7, False)
-                cl = client_socket(p0, "ipv4")
-                cl.settimeout(30)
-                cl.connect(target(p1, "ipv4", ls.getsockname()[1]))
-                srv, _ = ls.accept()
-                srv.settimeout(30)
-                try:
-                    if kind == "stream":  # a second of 1-300 B messages: surely qualifies
-                        conn._stream(cl, srv, 1.0, small=True)
-                    else:
-                        assert conn.run(cl, srv) is None
+            with _demoter() as demoter:
+                before = bypass.counters()
+                for kind in ("rr", "big", "stream"):
+                    conn = Conn(kind, "ipv4", 7, False)
+                    with connected_pair(p0, p1) as (cl, srv):
+                        if kind == "stream":  # a second of 1-300 B messages: surely qualifies
+                            conn._stream(cl, srv, 1.0, small=True)
+                        else:
+                            assert conn.run(cl, srv) is None
                     d = delta(before, bypass.counters())
                     assert d["demote_candidates"] == (want if kind == "stream" else 0), (kind, d)
-                finally:
-                    srv.close()
-                    cl.close()
-            deadline = time.monotonic() + 2
-            while demoter.demoted < want and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert demoter.demoted == want, policy
-            assert sockets.status()["policy"]["policy"] == policy
+                deadline = time.monotonic() + 2
+                while demoter.demoted < want and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert demoter.demoted == want, policy
+                assert sockets.status()["policy"]["policy"] == policy
         finally:
-            stop.set()
-            th.join(5)
-            ls.close()
             bypass.off()
 
 
@@ -264,19 +278,8 @@ def test_after_a_demotion_both_sockets_leave(testbed: Testbed, bypass: Bypass) -
     of both directions arrives in order."""
     p0, p1 = testbed.pods[:2]
     bypass.on()
-    ls = listen(p1, "ipv4", next_port())
-    stop = threading.Event()
-    demoter = demote.Demoter()
-    th = threading.Thread(target=demote.run, args=(stop,),
-                          kwargs={"interval": 0.01, "demoter": demoter})
-    th.start()
     try:
-        x = client_socket(p0, "ipv4")
-        x.settimeout(30)
-        x.connect(target(p1, "ipv4", ls.getsockname()[1]))
-        y, _ = ls.accept()
-        y.settimeout(30)
-        with x, y:
+        with _demoter() as demoter, connected_pair(p0, p1) as (x, y):
             ports = {x.getsockname()[1], y.getsockname()[1]}
             assert len(_keys_of(ports)) == 2
             before = bypass.counters()
@@ -288,8 +291,7 @@ def test_after_a_demotion_both_sockets_leave(testbed: Testbed, bypass: Bypass) -
                 x.sendall(pattern(sent, n))
                 sent += n
             reader.join(30)
-            assert len(got) == sent and all(got[i:i + 60000] == pattern(i, len(got[i:i + 60000]))
-                                            for i in range(0, sent, 60000))
+            assert len(got) == sent and _is_pattern(bytes(got))
             assert delta(before, bypass.counters())["demote_candidates"] == 1
             # Both talk now; each one's sends let its sk_msg report its (empty) queue.
             rounds, deadline = 0, time.monotonic() + 10
@@ -308,7 +310,4 @@ def test_after_a_demotion_both_sockets_leave(testbed: Testbed, bypass: Bypass) -
             y.sendall(b"after")
             assert _recv_exact(x, 5) == b"after"
     finally:
-        stop.set()
-        th.join(5)
-        ls.close()
         bypass.off()
